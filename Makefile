@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make train` runs the main job, `make test` runs the tests.
+# Both bootstrap .venv first; `make setup` alone is idempotent and instant when nothing changed.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup train test bench clean
+setup: $(STAMP)
+
+# Re-install only when the project metadata changes. torch goes in first and explicitly, so that
+# no dependency pulls a multi-GB CUDA build onto a CPU machine (override: make setup TORCH=torch).
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,hf]"
+	touch $@
+
+train: setup
+	$(BIN)/python -m minirspo.train $(ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 $(ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/loss_bench.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis
