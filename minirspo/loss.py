@@ -123,6 +123,28 @@ def router_logprobs_at(router_logits: Tensor, topk_idx: Tensor) -> Tensor:
                         for layer, idx in zip(router_logits, topk_idx)])           # (L, B, T, K)
 
 
+@torch.no_grad()
+def router_shift_metrics(gamma: Tensor, mask: Tensor, gamma_min: float) -> dict[str, Tensor]:
+    """γ over valid tokens: mean, min and the share below the floor (`gamma_floored_frac`)."""
+    weight = mask.float()                                                          # (B, T)
+    n_valid = weight.sum().clamp(min=1)
+    return {"gamma_mean": _weighted_sum(gamma, weight) / n_valid,
+            "gamma_min": torch.maximum(gamma.float(), 1.0 - weight).amin(),      # padding reads as 1
+            "gamma_floored_frac": _weighted_sum(gamma < gamma_min, weight) / n_valid}
+
+
+@torch.no_grad()
+def routing_consistency(router_logits: Tensor, old_topk_idx: Tensor, mask: Tensor) -> Tensor:
+    """Share of (valid token, MoE layer) pairs whose top-K expert set under the current router equals the
+    old policy's, as sets (the paper's non-shifted routing ratio). Uses the router's own top-K, so under
+    routing replay it still measures where the router would have sent each token."""
+    top_k = old_topk_idx.shape[-1]
+    current = router_logits.topk(top_k, dim=-1).indices.sort(dim=-1).values       # (L, B, T, K)
+    same = (current == old_topk_idx.sort(dim=-1).values).all(dim=-1)               # (L, B, T)
+    weight = mask.float()                                                          # (B, T)
+    return (same.float() * weight).sum() / (weight.sum() * same.shape[0]).clamp(min=1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Policy losses
 # ---------------------------------------------------------------------------------------------------
@@ -236,10 +258,7 @@ def _prepare(logprobs, old_logprobs, advantages, mask, router_shift, gamma_min) 
         gamma = router_shift.detach().float()                                      # sg[γ]
         # Padding needs no masking here: log max(γ, γ_min) is finite and every reader of log w̃ weights it.
         shifted = log_ratio + gamma.clamp(min=gamma_min).log()
-        with torch.no_grad():
-            metrics = {"gamma_mean": _weighted_sum(gamma, weight) / n_valid,
-                       "gamma_min": torch.maximum(gamma, 1.0 - weight).amin(),  # padding reads as 1
-                       "gamma_floored_frac": _weighted_sum(gamma < gamma_min, weight) / n_valid}
+        metrics = router_shift_metrics(gamma, weight, gamma_min)
     return _Batch(weight, n_valid, log_ratio, shifted, advantages.float(), metrics)
 
 

@@ -1,0 +1,202 @@
+"""The RL loop as a LightningModule with manual optimisation: one `training_step` is one RL step.
+
+Notation: B sequences on this rank (n_prompts / world × G), P prompt tokens, N response tokens,
+S = P + N, L MoE layers, E experts, K experts per token, G responses per prompt, M minibatch size.
+
+One RL step:
+ 1. sample this step's prompts (seeded by (seed, step), so a resumed run sees the same prompts) and G
+    responses to each with the current policy: no gradient, KV cache (`Policy.generate`);
+ 2. reward each response with the task's verifier and compute group advantages (a group whose rewards
+    are all equal gets Â = 0, hence no gradient, and is counted in `zero_variance_frac`);
+ 3. score every minibatch once with the training forward, before any update: the *old* policy's
+    per-token log-probs and routing (top-K experts and the router log-probs at them, (L, B, N, K));
+ 4. `ppo_epochs` passes of optimiser steps over the minibatches with the chosen loss. The first
+    minibatch is exactly on-policy (ratio 1, γ 1); every later one is off-policy, which is where the
+    router shifts and RS weighting acts.
+
+Where this departs from "keep the rollout's log-probs as the old policy" (and why): step 3 re-scores
+the rollout with the training forward instead of keeping the log-probs and routing recorded while
+sampling. A KV-cache decode and a full forward differ in the last float bits (the prototype measured
+5e-7 on token log-probs and 8e-6 on router log-probs), enough to make γ < 1 and ratios ≠ 1 on a
+minibatch that is in truth on-policy, and a sampler such as vLLM differs far more. verl re-scores for
+the same reason. Only (L, B, N, K) of routing is kept, never (L, B, N, E).
+
+Distributed: prompts are split across ranks by whole groups, so advantages never need another rank;
+each rank's loss is a mean over its B sequences and DDP/FSDP average gradients, which equals the
+single-process mean over the global batch.
+"""
+import copy
+import time
+from typing import NamedTuple
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from minirspo.config import RLConfig
+from minirspo.loss import (group_advantages, policy_loss, router_logprobs_at, router_shift_metrics,
+                           router_shift_ratio, routing_consistency, zero_variance_groups)
+from minirspo.policy import Policy
+from minirspo.tasks import REWARD_CORRECT, make_task, score
+
+
+class Minibatch(NamedTuple):
+    prompt_ids: Tensor   # (M, P)
+    prompt_mask: Tensor  # (M, P) bool
+    tokens: Tensor       # (M, N)
+    mask: Tensor         # (M, N) bool, valid response tokens
+    advantages: Tensor   # (M,)
+
+
+class OldPolicy(NamedTuple):
+    logprobs: Tensor       # (M, N) log π_old of each response token
+    topk_idx: Tensor       # (L, M, N, K) experts π_old activated at each response token
+    topk_logprobs: Tensor  # (L, M, N, K) π_old's router log-probs at those experts
+    routing: Tensor        # (L, M, S, K) π_old's experts at every position, for routing replay
+    ref_logprobs: Tensor | None  # (M, N) reference-model log-probs when kl_coef > 0
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one RL step's prompts and samples: a function of (seed, step) only, so resuming is exact."""
+    return seed * 1_000_003 + step
+
+
+class RLModule(L.LightningModule):
+    def __init__(self, policy: Policy, config: RLConfig):
+        super().__init__()
+        if not policy.is_moe and (config.uses_router_shift or config.routing_replay or config.freeze_router):
+            raise ValueError("this model is dense (it has no MoE layers, so no router logits): --loss rspo, "
+                             "--router-shift, --routing-replay and --freeze-router all need an MoE router")
+        self.automatic_optimization = False
+        self.policy, self.config = policy, config
+        self.model = policy.model.train()  # checkpoints load in eval mode; generation toggles it per call
+        self.task = make_task(config.task)
+        self.eval_problems = self.task.eval_set(config.eval_size)
+        self.clip = {name: value for name, value in (("clip_low", config.clip_low),
+                                                     ("clip_high", config.clip_high)) if value is not None}
+        self.reference = None
+        if config.kl_coef > 0:  # the KL anchor is the policy as it was when RL started
+            self.reference = copy.deepcopy(policy)
+            self.reference_model = self.reference.model.requires_grad_(False).eval()
+
+    # --- optimiser --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr,
+                                      weight_decay=self.config.weight_decay)
+        warmup = max(self.config.warmup_steps, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
+        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+    # --- one RL step ------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        cfg = self.config
+        step = self.global_step // cfg.updates_per_step
+        started = time.perf_counter()
+        row = {}
+        if step % cfg.eval_every == 0 or step == cfg.max_steps - 1:
+            row["accuracy"] = self.evaluate()
+        minibatches, rollout_stats = self.collect_rollouts(step)
+        old = [self.score_old(mb) for mb in minibatches]
+        updates = [self.update(mb, mb_old) for _ in range(cfg.ppo_epochs) for mb, mb_old in zip(minibatches, old)]
+        for name in updates[0]:
+            row[name] = torch.stack([u[name] for u in updates]).mean()
+        row |= rollout_stats
+        row = {name: float(self.trainer.strategy.reduce(torch.as_tensor(value, device=self.device).float(),
+                                                        reduce_op="mean")) for name, value in row.items()}
+        row["seconds"] = time.perf_counter() - started
+        for logger in self.loggers:
+            logger.log_metrics(row, step=step)
+        self.log_dict({"reward": row["reward_mean"], "γ": row["gamma_mean"]}, prog_bar=True, logger=False)
+
+    def collect_rollouts(self, step: int) -> tuple[list[Minibatch], dict[str, Tensor]]:
+        cfg, policy = self.config, self.policy
+        world, rank = self.trainer.world_size, self.global_rank
+        if cfg.n_prompts % world or cfg.minibatch_size % world:
+            raise ValueError(f"n_prompts={cfg.n_prompts} and minibatch_size={cfg.minibatch_size} must split "
+                             f"evenly over {world} processes")
+        problems = self.task.sample(cfg.n_prompts, seed=step_seed(cfg.seed, step), split="train")
+        per_rank = cfg.n_prompts // world
+        problems = problems[rank * per_rank:(rank + 1) * per_rank]      # whole groups: Â stays on its rank
+        repeated = [p for p in problems for _ in range(cfg.group_size)]
+        prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in repeated])  # (B, P)
+        generator = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, step) + rank)
+        self.model.eval()
+        rollout = policy.generate(prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+        self.model.train()
+        responses = policy.decode_responses(rollout.tokens, rollout.mask)
+        rewards = score(self.task, repeated, responses).to(self.device)                 # (B,)
+        advantages = group_advantages(rewards, cfg.group_size)                          # (B,)
+        size = cfg.minibatch_size // world
+        minibatches = [Minibatch(prompt_ids[i:i + size], prompt_mask[i:i + size], rollout.tokens[i:i + size],
+                                 rollout.mask[i:i + size], advantages[i:i + size])
+                       for i in range(0, len(repeated), size)]
+        stats = {"reward_mean": rewards.mean(),
+                 "response_len": rollout.mask.sum(dim=1).float().mean(),
+                 "zero_variance_frac": zero_variance_groups(rewards, cfg.group_size) / len(problems)}
+        return minibatches, stats
+
+    @torch.no_grad()
+    def score_old(self, mb: Minibatch) -> OldPolicy:
+        scores = self.policy.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
+                                   temperature=self.config.temperature)
+        ref_logprobs = None
+        if self.reference is not None:
+            ref_logprobs = self.reference.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
+                                                temperature=self.config.temperature).logprobs
+        return OldPolicy(scores.logprobs, scores.topk_idx,
+                         router_logprobs_at(scores.router_logits, scores.topk_idx), scores.routing, ref_logprobs)
+
+    def update(self, mb: Minibatch, old: OldPolicy) -> dict[str, Tensor]:
+        cfg = self.config
+        scores = self.policy.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
+                                   routing=old.routing if cfg.routing_replay else None,
+                                   freeze_router=cfg.freeze_router, temperature=cfg.temperature)
+        with torch.no_grad():
+            gamma = router_shift_ratio(scores.router_logits, old.topk_idx, old.topk_logprobs, mb.mask)  # (M, N)
+        out = policy_loss(cfg.loss, logprobs=scores.logprobs, old_logprobs=old.logprobs,
+                          advantages=mb.advantages, mask=mb.mask, gamma_min=cfg.gamma_min,
+                          router_shift=gamma if cfg.uses_router_shift else None, **self.clip)
+        loss = out.loss + cfg.aux_loss_coef * scores.aux_loss
+        metrics = {"loss": out.loss.detach(), "aux_loss": scores.aux_loss.detach()}
+        if old.ref_logprobs is not None:
+            kl = kl_to_reference(scores.logprobs, old.ref_logprobs, mb.mask)
+            loss = loss + cfg.kl_coef * kl
+            metrics["kl_to_ref"] = kl.detach()
+
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        self.lr_schedulers().step()
+
+        weight = mb.mask.float()
+        metrics |= {name: value for name, value in out.metrics.items() if not name.startswith("gamma")}
+        metrics |= router_shift_metrics(gamma, mb.mask, cfg.gamma_min)
+        metrics |= {"clip_frac": out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"],
+                    "entropy": (scores.entropy * weight).sum() / weight.sum().clamp(min=1),
+                    "routing_consistency": routing_consistency(scores.router_logits.detach(), old.topk_idx,
+                                                               mb.mask),
+                    "grad_norm": grad_norm.detach().float(),
+                    "lr": torch.tensor(optimizer.param_groups[0]["lr"])}
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> Tensor:
+        """Held-out greedy accuracy: the share of eval problems whose greedy answer earns the full reward."""
+        prompt_ids, prompt_mask = self.policy.encode_prompts([p.prompt for p in self.eval_problems])
+        self.model.eval()
+        rollout = self.policy.generate(prompt_ids, prompt_mask, max_new_tokens=self.config.max_new_tokens,
+                                       temperature=0.0)
+        self.model.train()
+        rewards = score(self.task, self.eval_problems, self.policy.decode_responses(rollout.tokens, rollout.mask))
+        return (rewards == REWARD_CORRECT).float().mean()
+
+
+def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """k3 estimate of KL(π_θ ‖ π_ref) per token, averaged per sequence, then over sequences (like the losses)."""
+    log_ratio = torch.where(mask, ref_logprobs - logprobs, 0.0)                      # (B, N)
+    per_token = torch.expm1(log_ratio) - log_ratio                                   # (B, N)
+    weight = mask.float()
+    return ((per_token * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)).mean()

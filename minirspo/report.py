@@ -1,0 +1,75 @@
+"""Read a run's metrics.csv back, summarise it in a rich table and plot its curves to PNG."""
+import csv
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs write PNGs, they never open windows
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+CURVES = (("reward_mean", "reward (sampled)"), ("accuracy", "held-out greedy accuracy"),
+          ("entropy", "token entropy (nats)"), ("gamma_mean", "router-shift ratio γ (mean)"),
+          ("routing_consistency", "routing consistency"), ("clip_frac", "clip fraction"))
+
+
+def read_metrics(path: Path | str) -> dict[str, list[float]]:
+    """metrics.csv -> {column: values by step}. A step logged twice (a run resumed from an earlier
+    checkpoint re-logs the steps after it) keeps its last row; empty cells read as NaN."""
+    by_step: dict[int, dict[str, float]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            values = {key: float(value) if value not in ("", None) else math.nan for key, value in row.items()}
+            by_step.setdefault(int(values["step"]), {}).update(
+                {key: value for key, value in values.items() if not math.isnan(value)})
+    steps = sorted(by_step)
+    columns = sorted({key for row in by_step.values() for key in row})
+    return {column: [by_step[step].get(column, math.nan) for step in steps] for column in columns}
+
+
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
+
+
+def _window_mean(values: list[float], first: bool, width: int = 10) -> float:
+    values = _finite(values)
+    window = values[:width] if first else values[-width:]
+    return sum(window) / len(window) if window else math.nan
+
+
+def summary_table(metrics: dict[str, list[float]], title: str) -> Table:
+    """Start vs end of a run: means over the first and last 10 logged steps (accuracy: first and last eval)."""
+    table = Table(title=title)
+    for column in ("metric", "start", "end"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    accuracy = _finite(metrics.get("accuracy", []))
+    if accuracy:
+        table.add_row("held-out greedy accuracy", f"{accuracy[0]:.3f}", f"{accuracy[-1]:.3f}")
+    for name, label in CURVES:
+        if name != "accuracy" and name in metrics:
+            table.add_row(label + " (10-step mean)", f"{_window_mean(metrics[name], True):.3f}",
+                          f"{_window_mean(metrics[name], False):.3f}")
+    steps, seconds = metrics["step"], _finite(metrics.get("seconds", []))
+    table.add_row("steps / wall time of RL steps", f"{int(steps[0])}", f"{int(steps[-1])} / {sum(seconds):.0f} s")
+    return table
+
+
+def plot_curves(metrics: dict[str, list[float]], path: Path | str, title: str = "") -> Path:
+    """One panel per curve in CURVES against RL step."""
+    figure, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
+    steps = metrics["step"]
+    for axis, (name, label) in zip(axes.flat, CURVES):
+        values = metrics.get(name, [])
+        points = [(s, v) for s, v in zip(steps, values) if not math.isnan(v)]
+        if points:
+            axis.plot(*zip(*points), marker="o" if name == "accuracy" else None, markersize=3)
+        axis.set_title(label, fontsize=10)
+        axis.grid(alpha=0.3)
+    for axis in axes[-1]:
+        axis.set_xlabel("RL step")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)

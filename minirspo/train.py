@@ -1,0 +1,153 @@
+"""RL on a Mixture-of-Experts LM with RSPO (or GRPO / GSPO / GMPO): `python -m minirspo.train`.
+
+With no arguments it warm-starts the toy MoE on the arithmetic task (a supervised run of about a minute,
+cached under --warmstart-dir), then runs RSPO on it for --max-steps RL steps, all on the CPU in about
+10 minutes, and ends with a summary table. Everything goes to --out:
+    metrics.csv      one row per RL step (accuracy on evaluation steps), also TensorBoard when installed
+    curves.png       reward, accuracy, entropy, γ, routing consistency and clip fraction against step
+    checkpoints/     last.ckpt (every --checkpoint-every steps and on Ctrl-C) for --resume
+
+Examples:
+    python -m minirspo.train                                   # RSPO on arithmetic, CPU, ~10 min
+    python -m minirspo.train --loss grpo --out runs/grpo       # the token-level baseline
+    python -m minirspo.train --loss grpo --router-shift        # RS weighting as a plug-in on GRPO
+    python -m minirspo.train --loss gmpo --routing-replay      # the paper's routing-replay baseline
+    python -m minirspo.train --loss gmpo --freeze-router       # ... and router freezing
+    python -m minirspo.train --task countdown --lr 3e-4 --max-steps 300
+    python -m minirspo.train --out runs/rspo --resume          # continue after Ctrl-C, bit-exactly
+    python -m minirspo.train --model toy:runs/warmstart/arithmetic-1a2b3c4d/model.pt --max-steps 20
+    python -m minirspo.train --accelerator gpu --precision bf16-mixed --n-prompts 128
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from rich.console import Console
+from torch.utils.data import DataLoader, IterableDataset
+
+from minirspo.config import RLConfig
+from minirspo.module import RLModule
+from minirspo.policy import load_policy
+from minirspo.report import plot_curves, read_metrics, summary_table
+from minirspo.tasks import make_task
+from toy_moe.cli import add_config_flags, config_from_flags
+from toy_moe.pretrain import pretrain
+
+WARM_START_EXAMPLES = 20_000  # (prompt, answer) pairs of the task's train split for the supervised warm start
+
+
+class _Ticks(IterableDataset):
+    """The RL loop makes its own data; Lightning only needs something to iterate until max_steps."""
+
+    def __iter__(self):
+        while True:
+            yield 0
+
+
+class StopOnInterrupt(Callback):
+    """First Ctrl-C: finish the current RL step, save last.ckpt, stop. A second Ctrl-C aborts at once.
+
+    Stopping between steps keeps the checkpoint exact: a step cut in half would have applied some of its
+    minibatch updates and not others."""
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint, self.requested, self.previous = checkpoint, False, None
+
+    def on_train_start(self, trainer, pl_module):
+        def request_stop(signum, frame):
+            signal.signal(signal.SIGINT, self.previous)
+            self.requested = True
+            Console(stderr=True).print("[yellow]Ctrl-C: finishing this RL step, then saving a checkpoint "
+                                       "(Ctrl-C again to abort)")
+        self.previous = signal.signal(signal.SIGINT, request_stop)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.requested:
+            trainer.save_checkpoint(self.checkpoint)
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def warm_start(config: RLConfig) -> Path:
+    """The toy checkpoint RL starts from: supervised on the task's train split, cached per pretrain config."""
+    settings = json.dumps({"task": config.task, **dataclasses.asdict(config.pretrain)}, sort_keys=True)
+    out_dir = Path(config.warmstart_dir) / f"{config.task}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
+    if not (out_dir / "model.pt").is_file():
+        Console().print(f"[bold]warm start:[/] no checkpoint in {out_dir}, pretraining the toy MoE on "
+                        f"{config.task} first")
+        problems = make_task(config.task).sample(WARM_START_EXAMPLES, seed=config.seed, split="train")
+        pretrain([(p.prompt, p.answer) for p in problems], config.pretrain, out_dir)
+    return out_dir / "model.pt"
+
+
+def parse_config(argv: list[str] | None) -> RLConfig:
+    parser = argparse.ArgumentParser(prog="python -m minirspo.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, RLConfig)
+    try:
+        return config_from_flags(RLConfig, vars(parser.parse_args(argv)))
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def run(config: RLConfig) -> Path:
+    """Train with `config`; return the path of metrics.csv."""
+    out = Path(config.out)
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    if config.resume and not checkpoint.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+    policy = load_policy(config.model or f"toy:{warm_start(config)}")
+    module = RLModule(policy, config)
+    if config.aux_loss_coef == 0 and policy.is_moe:
+        Console().print("router load-balance loss is off during RL (--aux-loss-coef 0)")
+
+    loggers = [CSVLogger(out, name="", version="")]
+    try:
+        loggers.append(TensorBoardLogger(out, name="tensorboard", version=""))
+    except ModuleNotFoundError:
+        pass
+    updates = config.updates_per_step
+    trainer = L.Trainer(
+        accelerator=config.accelerator, devices=config.devices, precision=config.precision,
+        max_steps=config.max_steps * updates, logger=loggers, enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=checkpoint.parent, every_n_train_steps=config.checkpoint_every * updates,
+                                   save_last=True, save_top_k=0),
+                   StopOnInterrupt(checkpoint), RichProgressBar()],
+        default_root_dir=out)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+        trainer.fit(module, DataLoader(_Ticks(), batch_size=None),
+                    ckpt_path=checkpoint if config.resume else None)
+    metrics_path = out / "metrics.csv"
+    if trainer.is_global_zero:
+        metrics = read_metrics(metrics_path)
+        title = f"{config.loss}{' + RS' if config.router_shift and config.loss != 'rspo' else ''} on {config.task}"
+        plot_curves(metrics, out / "curves.png", title=title)
+        Console().print(summary_table(metrics, title=f"{title}: {out}"))
+    return metrics_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
+    torch.set_float32_matmul_precision("high")
+    try:
+        run(config)
+    except (FileNotFoundError, ValueError) as error:
+        Console(stderr=True).print(f"[red]error:[/] {error}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Typed dataclass configs as command-line flags: one `--field-name` per field, nested ones as `--model.d-model`.
+
+Used by `python -m toy_moe.pretrain` and `python -m minirspo.train`, so every config field is overridable
+from the command line with its default shown in `--help`.
+"""
+import argparse
+from dataclasses import MISSING, fields, is_dataclass
+from types import NoneType, UnionType
+from typing import Union, get_args, get_origin, get_type_hints
+
+
+def _flag_type(kind):
+    """argparse `type=` for a field's annotation: int/float/str, `X | None` ("none"), tuple[int, ...] ("0,2")."""
+    if get_origin(kind) in (Union, UnionType):
+        inner = _flag_type(next(option for option in get_args(kind) if option is not NoneType))
+        return lambda text: None if text.lower() == "none" else inner(text)
+    if get_origin(kind) is tuple:
+        return lambda text: tuple(int(item) for item in text.split(",") if item.strip())
+    return kind
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type, prefix: str = "") -> None:
+    """One flag per dataclass field, defaults included; booleans get `--flag / --no-flag`."""
+    hints = get_type_hints(config_class)
+    for config_field in fields(config_class):
+        kind = hints[config_field.name]
+        flag = f"--{prefix}{config_field.name.replace('_', '-')}"
+        if is_dataclass(kind):
+            add_config_flags(parser, kind, f"{prefix}{config_field.name}.")
+            continue
+        default = config_field.default if config_field.default is not MISSING else config_field.default_factory()
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=_flag_type(kind), default=default,
+                                metavar=str(kind).replace("typing.", "").replace("<class '", "").replace("'>", ""),
+                                help="(default: %(default)s)")
+
+
+def config_from_flags(config_class: type, values: dict, prefix: str = ""):
+    """Rebuild the (nested) dataclass from `vars(parser.parse_args())`."""
+    hints = get_type_hints(config_class)
+    return config_class(**{
+        config_field.name: config_from_flags(hints[config_field.name], values, f"{prefix}{config_field.name}.")
+        if is_dataclass(hints[config_field.name]) else values[f"{prefix}{config_field.name}"]
+        for config_field in fields(config_class)
+    })
