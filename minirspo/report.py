@@ -28,6 +28,26 @@ def read_metrics(path: Path | str) -> dict[str, list[float]]:
     return {column: [by_step[step].get(column, math.nan) for step in steps] for column in columns}
 
 
+def merge_metrics(earlier: Path | str, later: Path | str) -> None:
+    """Prepend the rows of `earlier` that come before `later`'s first step, then delete `earlier`.
+
+    Lightning's CSVLogger starts metrics.csv afresh, so a resumed run keeps its earlier rows aside
+    (`earlier`) and merges them back here; rows past the checkpoint (logged before an interruption, then
+    redone) are dropped, so every step appears once."""
+    with open(earlier, newline="") as handle:
+        earlier_rows = list(csv.DictReader(handle))
+    with open(later, newline="") as handle:
+        later_rows = list(csv.DictReader(handle))
+    first = min((int(row["step"]) for row in later_rows), default=None)
+    rows = [row for row in earlier_rows if first is None or int(row["step"]) < first] + later_rows
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(later, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    Path(earlier).unlink()
+
+
 def _finite(values: list[float]) -> list[float]:
     return [v for v in values if not math.isnan(v)]
 

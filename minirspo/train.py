@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from minirspo.config import RLConfig
 from minirspo.module import RLModule
 from minirspo.policy import load_policy
-from minirspo.report import plot_curves, read_metrics, summary_table
+from minirspo.report import merge_metrics, plot_curves, read_metrics, summary_table
 from minirspo.tasks import make_task
 from toy_moe.cli import add_config_flags, config_from_flags
 from toy_moe.pretrain import pretrain
@@ -112,6 +112,9 @@ def run(config: RLConfig) -> Path:
     if config.aux_loss_coef == 0 and policy.is_moe:
         Console().print("router load-balance loss is off during RL (--aux-loss-coef 0)")
 
+    metrics_path, earlier_metrics = out / "metrics.csv", out / "metrics.before-resume.csv"
+    if config.resume and metrics_path.is_file():
+        metrics_path.replace(earlier_metrics)  # CSVLogger would delete it; merged back after fit
     loggers = [CSVLogger(out, name="", version="")]
     try:
         loggers.append(TensorBoardLogger(out, name="tensorboard", version=""))
@@ -130,8 +133,9 @@ def run(config: RLConfig) -> Path:
         warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
         trainer.fit(module, DataLoader(_Ticks(), batch_size=None),
                     ckpt_path=checkpoint if config.resume else None)
-    metrics_path = out / "metrics.csv"
     if trainer.is_global_zero:
+        if earlier_metrics.is_file():
+            merge_metrics(earlier_metrics, metrics_path)
         metrics = read_metrics(metrics_path)
         title = f"{config.loss}{' + RS' if config.router_shift and config.loss != 'rspo' else ''} on {config.task}"
         plot_curves(metrics, out / "curves.png", title=title)
