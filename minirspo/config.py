@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 from toy_moe.pretrain import PretrainConfig
 
 LOSS_NAMES = ("grpo", "gspo", "gmpo", "rspo")
+STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2")  # minirspo.distributed
+ROLLOUT_ENGINES = ("hf", "vllm")                # minirspo.policy.check_rollout_engine
 
 
 @dataclass
 class RLConfig:
     # --- what to train ---
     task: str = "arithmetic"          # "arithmetic" (a+b=, learns in minutes on a CPU) or "countdown" (the paper's)
-    model: str = ""                   # "" = toy MoE warm-started here; "toy:PATH" = a toy_moe checkpoint
+    model: str = ""                   # "" = toy MoE warm-started here; "toy:PATH" = a toy_moe checkpoint;
+                                      # "hf:PATH" = a local Hugging Face MoE (Qwen2/3-MoE, OLMoE, Mixtral)
     loss: str = "rspo"                # grpo | gspo | gmpo | rspo (= gmpo + router-shift weighting)
     router_shift: bool = False        # RS weighting as a plug-in on grpo/gspo/gmpo (always on for rspo)
     gamma_min: float = 0.8            # γ floor; 0.8 as in public RSPO implementations (RSPO.md)
@@ -51,8 +54,16 @@ class RLConfig:
     out: str = "runs/rspo"
     resume: bool = False              # continue from OUT/checkpoints/last.ckpt
     accelerator: str = "auto"
-    devices: int = 1
-    precision: str = "32-true"
+    devices: int = 1                  # processes per node (one per GPU)
+    precision: str = "32-true"        # "bf16-mixed" on GPUs: bf16 compute, float32 master weights
+
+    # --- scale (minirspo.distributed; README "Scaling out") ---
+    strategy: str = "auto"            # auto | ddp | fsdp (FSDP1, GPU only) | fsdp2 (fully_shard; CPU/gloo too)
+    num_nodes: int = 1
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward: memory for ~1/3 more compute
+    rollout_engine: str = "hf"        # hf = the model's own generate with a KV cache; vllm is reserved
+    # LM-head tokens per log-prob chunk: float32 logits peak at chunk × V × 4 bytes (4096 × 32k vocab: 0.5 GB)
+    logprob_chunk_tokens: int = 4096
 
     # --- warm start: supervised pretraining of the toy MoE on task text, cached in warmstart_dir ---
     warmstart_dir: str = "runs/warmstart"
@@ -76,7 +87,12 @@ class RLConfig:
             raise ValueError(f"minibatch_size={self.minibatch_size} must divide n_prompts × group_size = {batch}")
         if not 0.0 < self.gamma_min <= 1.0:
             raise ValueError(f"gamma_min must be in (0, 1], got {self.gamma_min}")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "ppo_epochs", "max_new_tokens", "eval_size"):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {list(STRATEGIES)}")
+        if self.rollout_engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"unknown rollout_engine {self.rollout_engine!r}; choose one of {list(ROLLOUT_ENGINES)}")
+        for name in ("max_steps", "eval_every", "checkpoint_every", "ppo_epochs", "max_new_tokens", "eval_size",
+                     "num_nodes", "devices", "logprob_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
