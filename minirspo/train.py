@@ -19,9 +19,6 @@ Examples:
     python -m minirspo.train --accelerator gpu --precision bf16-mixed --n-prompts 128
 """
 import argparse
-import dataclasses
-import hashlib
-import json
 import signal
 import sys
 import warnings
@@ -38,11 +35,8 @@ from minirspo.config import RLConfig
 from minirspo.module import RLModule
 from minirspo.policy import load_policy
 from minirspo.report import merge_metrics, plot_curves, read_metrics, summary_table
-from minirspo.tasks import make_task
+from minirspo.warmstart import warm_start
 from toy_moe.cli import add_config_flags, config_from_flags
-from toy_moe.pretrain import pretrain
-
-WARM_START_EXAMPLES = 20_000  # (prompt, answer) pairs of the task's train split for the supervised warm start
 
 
 class _Ticks(IterableDataset):
@@ -77,18 +71,6 @@ class StopOnInterrupt(Callback):
 
     def on_train_end(self, trainer, pl_module):
         signal.signal(signal.SIGINT, self.previous)
-
-
-def warm_start(config: RLConfig) -> Path:
-    """The toy checkpoint RL starts from: supervised on the task's train split, cached per pretrain config."""
-    settings = json.dumps({"task": config.task, **dataclasses.asdict(config.pretrain)}, sort_keys=True)
-    out_dir = Path(config.warmstart_dir) / f"{config.task}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
-    if not (out_dir / "model.pt").is_file():
-        Console().print(f"[bold]warm start:[/] no checkpoint in {out_dir}, pretraining the toy MoE on "
-                        f"{config.task} first")
-        problems = make_task(config.task).sample(WARM_START_EXAMPLES, seed=config.seed, split="train")
-        pretrain([(p.prompt, p.answer) for p in problems], config.pretrain, out_dir)
-    return out_dir / "model.pt"
 
 
 def parse_config(argv: list[str] | None) -> RLConfig:
