@@ -1,0 +1,226 @@
+"""Naive float64 references for minirspo.loss, written from /work/shared/RSPO.md and not from loss.py.
+
+Every quantity is built from 0-d float64 tensors (or Python floats where no gradient is needed) with
+explicit Python loops over sequences i, tokens t, MoE layers l and activated experts k, so that each line
+can be checked against an equation of RSPO.md by eye and torch.autograd gives reference gradients.
+Slow by design: tiny inputs only.
+
+Notation: B batch (sequences), T tokens, E experts, K top-k, L MoE layers, G group size.
+A_i advantage of sequence i; |y_i| its number of valid tokens; ell~ the RS-rescaled token log-ratio.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+# Clip ranges (clip_low, clip_high): GRPO/PPO 0.2 (arXiv 2402.03300); GSPO 3e-4/4e-4 (arXiv 2507.18071);
+# GMPO 0.4 in log space (arXiv 2507.20673), which RSPO (arXiv 2510.23027) inherits.
+DEFAULT_CLIPS = {"grpo": (0.2, 0.2), "gspo": (3e-4, 4e-4), "gmpo": (0.4, 0.4), "rspo": (0.4, 0.4)}
+DEFAULT_GAMMA_MIN = 0.8  # RSPO.md: the floor of public implementations of RSPO
+
+
+def group_advantages_ref(rewards: list[float], group_size: int, normalize_std: bool = True, eps: float = 1e-6) -> list[float]:
+    """A_i = (r_i - group mean) / (group std with Bessel's correction + eps); exactly 0 for an all-equal group."""
+    advantages = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size]
+        if all(reward == group[0] for reward in group):
+            advantages.extend([0.0] * len(group))
+            continue
+        mean = math.fsum(group) / len(group)
+        std = math.sqrt(math.fsum((reward - mean) ** 2 for reward in group) / (len(group) - 1))
+        advantages.extend((reward - mean) / (std + eps) if normalize_std else reward - mean for reward in group)
+    return advantages
+
+
+def log_softmax_ref(logits: list[Tensor]) -> list[Tensor]:
+    """log p_e = z_e - log sum_j exp z_j, with the max subtracted first so that exp never overflows."""
+    # A constant shift leaves log-softmax unchanged, so taking the max as a plain float loses no gradient.
+    top = max(logit.item() for logit in logits)
+    log_normaliser = top + torch.log(sum(torch.exp(logit - top) for logit in logits))
+    return [logit - log_normaliser for logit in logits]
+
+
+def router_shift_ratio_ref(router_logits: Tensor, old_topk_idx: Tensor, old_topk_logprobs: Tensor, mask: Tensor | None = None) -> list[list[Tensor]]:
+    """gamma_{i,t} = exp(-(1/L) sum_l (1/K) sum_k |log p_l(e_k) - old log p_l(e_k)|), 1 at masked tokens; B x T 0-d tensors."""
+    n_layers, batch, n_tokens, _ = router_logits.shape
+    top_k = old_topk_idx.shape[-1]
+    gamma = []
+    for i in range(batch):
+        row = []
+        for t in range(n_tokens):
+            if mask is not None and not bool(mask[i, t]):
+                row.append(torch.tensor(1.0, dtype=torch.float64))
+                continue
+            total_shift = 0.0
+            for layer in range(n_layers):
+                log_probs = log_softmax_ref(list(router_logits[layer, i, t].double().unbind()))
+                layer_shift = 0.0
+                for k in range(top_k):
+                    expert = int(old_topk_idx[layer, i, t, k])
+                    layer_shift = layer_shift + abs(log_probs[expert] - float(old_topk_logprobs[layer, i, t, k]))
+                total_shift = total_shift + layer_shift / top_k
+            row.append(torch.exp(-total_shift / n_layers))
+        gamma.append(row)
+    return gamma
+
+
+def rescaled_log_ratios_ref(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, router_shift: Tensor | None, gamma_min: float) -> list[list[Tensor]]:
+    """Per sequence, the valid tokens' log w~ = log pi - log pi_old + log max(gamma, gamma_min), gamma a constant (stop-gradient)."""
+    batch, n_tokens = mask.shape
+    log_ratios = []
+    for i in range(batch):
+        row = []
+        for t in range(n_tokens):
+            if not bool(mask[i, t]):
+                continue
+            log_ratio = logprobs[i, t].double() - float(old_logprobs[i, t])
+            if router_shift is not None:
+                log_ratio = log_ratio + math.log(max(float(router_shift[i, t]), gamma_min))
+            row.append(log_ratio)
+        log_ratios.append(row)
+    return log_ratios
+
+
+def grpo_terms_ref(log_ratios: list[list[Tensor]], advantages: list[float], clip_low: float, clip_high: float) -> list[Tensor]:
+    """(1/|y_i|) sum_t min(w~ A_i, clip(w~, 1 - clip_low, 1 + clip_high) A_i), per sequence."""
+    terms = []
+    for row, advantage in zip(log_ratios, advantages):
+        term = torch.tensor(0.0, dtype=torch.float64)
+        for log_ratio in row:
+            ratio = torch.exp(log_ratio)
+            term = term + torch.minimum(ratio * advantage, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantage)
+        terms.append(term / len(row) if row else term)
+    return terms
+
+
+def gspo_terms_ref(log_ratios: list[list[Tensor]], advantages: list[float], clip_low: float, clip_high: float) -> list[Tensor]:
+    """min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i) with s_i = exp(mean_t log w~), per sequence."""
+    terms = []
+    for row, advantage in zip(log_ratios, advantages):
+        if not row:
+            terms.append(torch.tensor(0.0, dtype=torch.float64))
+            continue
+        sequence_ratio = torch.exp(sum(row) / len(row))
+        terms.append(torch.minimum(sequence_ratio * advantage, torch.clamp(sequence_ratio, 1 - clip_low, 1 + clip_high) * advantage))
+    return terms
+
+
+def gmpo_terms_ref(log_ratios: list[list[Tensor]], advantages: list[float], clip_low: float, clip_high: float) -> list[Tensor]:
+    """sgn(A_i) prod_t |min(w~ A_i, clip(w~, e^-clip_low, e^clip_high) A_i)|^(1/|y_i|): RSPO.md's first GMPO form."""
+    terms = []
+    for row, advantage in zip(log_ratios, advantages):
+        # A_i = 0 makes every factor 0; the product form's term is then 0 (and its |.|^(1/n) has no gradient there).
+        if not row or advantage == 0:
+            terms.append(torch.tensor(0.0, dtype=torch.float64))
+            continue
+        product = torch.tensor(1.0, dtype=torch.float64)
+        for log_ratio in row:
+            ratio = torch.exp(log_ratio)
+            clipped = torch.clamp(ratio, math.exp(-clip_low), math.exp(clip_high))
+            product = product * torch.abs(torch.minimum(ratio * advantage, clipped * advantage)) ** (1 / len(row))
+        terms.append(math.copysign(1.0, advantage) * product)
+    return terms
+
+
+SEQUENCE_TERMS_REF = {"grpo": grpo_terms_ref, "gspo": gspo_terms_ref, "gmpo": gmpo_terms_ref, "rspo": gmpo_terms_ref}
+
+
+def sequence_terms_ref(
+    name: str,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    router_shift: Tensor | None = None,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    gamma_min: float = DEFAULT_GAMMA_MIN,
+) -> list[Tensor]:
+    """The B summands of J = (1/B) sum_i term_i for loss `name`; a sequence with no valid token gives 0."""
+    default_low, default_high = DEFAULT_CLIPS[name]
+    log_ratios = rescaled_log_ratios_ref(logprobs, old_logprobs, mask, router_shift, gamma_min)
+    return SEQUENCE_TERMS_REF[name](
+        log_ratios,
+        [float(advantage) for advantage in advantages],
+        default_low if clip_low is None else clip_low,
+        default_high if clip_high is None else clip_high,
+    )
+
+
+def objective_ref(name: str, **inputs) -> Tensor:
+    """J = (1/B) sum_i term_i: every sequence counts once in B, including those without valid tokens."""
+    terms = sequence_terms_ref(name, **inputs)
+    return sum(terms) / len(terms)
+
+
+def clip_kink_distance_ref(
+    name: str,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    router_shift: Tensor | None = None,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    gamma_min: float = DEFAULT_GAMMA_MIN,
+) -> float:
+    """Smallest log-space distance from a clip boundary over valid tokens (sequences for GSPO) with A_i != 0.
+
+    The objective has a kink there, so float32 and float64 may legitimately disagree on which side a
+    point falls; property tests keep their draws away from it.
+    """
+    default_low, default_high = DEFAULT_CLIPS[name]
+    low = default_low if clip_low is None else clip_low
+    high = default_high if clip_high is None else clip_high
+    boundaries = (-low, high) if name in ("gmpo", "rspo") else (math.log(1 - low), math.log(1 + high))
+    distance = math.inf
+    log_ratios = rescaled_log_ratios_ref(logprobs, old_logprobs, mask, router_shift, gamma_min)
+    for row, advantage in zip(log_ratios, advantages):
+        if not row or float(advantage) == 0:
+            continue
+        points = [math.fsum(float(log_ratio) for log_ratio in row) / len(row)] if name == "gspo" else [float(log_ratio) for log_ratio in row]
+        distance = min([distance] + [abs(point - boundary) for point in points for boundary in boundaries])
+    return distance
+
+
+def metrics_ref(
+    name: str,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    router_shift: Tensor | None = None,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    gamma_min: float = DEFAULT_GAMMA_MIN,
+) -> dict[str, float]:
+    """RSPO.md "Metrics" for a batch with >= 1 valid token, every A_i != 0 and (GSPO) every sequence non-empty.
+
+    A clip counts where it is active and changes the objective: the upper bound when A_i > 0 and the ratio is
+    above it, the lower bound when A_i < 0 and the ratio is below it (GMPO: the log-ratio against -clip_low,
+    clip_high). ratio_mean is the mean of w~ over valid tokens (GSPO: of s_i over sequences).
+    """
+    default_low, default_high = DEFAULT_CLIPS[name]
+    low = default_low if clip_low is None else clip_low
+    high = default_high if clip_high is None else clip_high
+    log_low, log_high = (-low, high) if name in ("gmpo", "rspo") else (math.log(1 - low), math.log(1 + high))
+    rescaled = [[float(log_ratio) for log_ratio in row] for row in rescaled_log_ratios_ref(logprobs, old_logprobs, mask, router_shift, gamma_min)]
+    plain = [[float(log_ratio) for log_ratio in row] for row in rescaled_log_ratios_ref(logprobs, old_logprobs, mask, None, gamma_min)]
+    signs = [math.copysign(1.0, float(advantage)) for advantage in advantages]
+    # GSPO clips one point per sequence, the others one per token.
+    points = [([math.fsum(row) / len(row)] if row else []) if name == "gspo" else row for row in rescaled]
+    n_points = sum(len(row) for row in points)
+    metrics = {
+        "clip_frac_low": sum(sign < 0 and point < log_low for row, sign in zip(points, signs) for point in row) / n_points,
+        "clip_frac_high": sum(sign > 0 and point > log_high for row, sign in zip(points, signs) for point in row) / n_points,
+        "ratio_mean": math.fsum(math.exp(point) for row in points for point in row) / n_points,
+        "approx_kl": math.fsum(math.expm1(log_ratio) - log_ratio for row in plain for log_ratio in row) / sum(map(len, plain)),
+    }
+    if router_shift is not None:
+        gammas = [float(router_shift[i, t]) for i in range(mask.shape[0]) for t in range(mask.shape[1]) if bool(mask[i, t])]
+        metrics["gamma_mean"] = math.fsum(gammas) / len(gammas)
+        metrics["gamma_min"] = min(gammas)
+        metrics["gamma_floored_frac"] = sum(gamma < gamma_min for gamma in gammas) / len(gammas)
+    return metrics
