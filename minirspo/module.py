@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from minirspo.config import RLConfig
+from minirspo.distributed import clip_grad_norm, parallelize
 from minirspo.loss import (group_advantages, policy_loss, router_logprobs_at, router_shift_metrics,
                            router_shift_ratio, routing_consistency, zero_variance_groups)
 from minirspo.policy import Policy
@@ -78,6 +79,9 @@ class RLModule(L.LightningModule):
         if config.kl_coef > 0:  # the KL anchor is the policy as it was when RL started
             self.reference = copy.deepcopy(policy)
             self.reference_model = self.reference.model.requires_grad_(False).eval()
+
+    def configure_model(self):
+        parallelize(self)  # fsdp2 sharding and activation checkpointing (minirspo.distributed)
 
     # --- optimiser --------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -167,7 +171,7 @@ class RLModule(L.LightningModule):
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        grad_norm = clip_grad_norm(self, cfg.max_grad_norm)  # a global norm under FSDP too
         optimizer.step()
         self.lr_schedulers().step()
 
