@@ -17,6 +17,8 @@ Examples:
     python -m minirspo.train --out runs/rspo --resume          # continue after Ctrl-C, bit-exactly
     python -m minirspo.train --model toy:runs/warmstart/arithmetic-1a2b3c4d/model.pt --max-steps 20
     python -m minirspo.train --accelerator gpu --precision bf16-mixed --n-prompts 128
+    python -m minirspo.train --model hf:PATH --accelerator gpu --precision bf16-mixed   # a local HF MoE
+    python -m minirspo.train --model hf:PATH --strategy fsdp2 --devices 8 --precision bf16-mixed  # README
 """
 import argparse
 import signal
@@ -32,6 +34,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader, IterableDataset
 
 from minirspo.config import RLConfig
+from minirspo.distributed import build_strategy
 from minirspo.module import RLModule
 from minirspo.policy import load_policy
 from minirspo.report import merge_metrics, plot_curves, read_metrics, summary_table
@@ -89,7 +92,8 @@ def run(config: RLConfig) -> Path:
     checkpoint = out / "checkpoints" / "last.ckpt"
     if config.resume and not checkpoint.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
-    policy = load_policy(config.model or f"toy:{warm_start(config)}")
+    policy = load_policy(config.model or f"toy:{warm_start(config)}", rollout_engine=config.rollout_engine,
+                         logprob_chunk_tokens=config.logprob_chunk_tokens)
     module = RLModule(policy, config)
     if config.aux_loss_coef == 0 and policy.is_moe:
         Console().print("router load-balance loss is off during RL (--aux-loss-coef 0)")
@@ -105,6 +109,7 @@ def run(config: RLConfig) -> Path:
     updates = config.updates_per_step
     trainer = L.Trainer(
         accelerator=config.accelerator, devices=config.devices, precision=config.precision,
+        strategy=build_strategy(config, policy), num_nodes=config.num_nodes,
         max_steps=config.max_steps * updates, logger=loggers, enable_model_summary=False,
         callbacks=[ModelCheckpoint(dirpath=checkpoint.parent, every_n_train_steps=config.checkpoint_every * updates,
                                    save_last=True, save_top_k=0),
