@@ -3,8 +3,10 @@
 Defaults are sized for the 2-core CPU prototype in shared/notes/cpu-prototype.md (a 3.4M-parameter toy
 MoE: ~1 s per RL step of 32 prompts × 8 responses) and cite where each value comes from.
 """
+import argparse
 from dataclasses import dataclass, field
 
+from toy_moe.cli import add_config_flags, config_from_flags
 from toy_moe.pretrain import PretrainConfig
 
 LOSS_NAMES = ("grpo", "gspo", "gmpo", "rspo")
@@ -20,7 +22,8 @@ class RLConfig:
                                       # "hf:PATH" = a local Hugging Face MoE (Qwen2/3-MoE, OLMoE, Mixtral)
     loss: str = "rspo"                # grpo | gspo | gmpo | rspo (= gmpo + router-shift weighting)
     router_shift: bool = False        # RS weighting as a plug-in on grpo/gspo/gmpo (always on for rspo)
-    gamma_min: float = 0.8            # γ floor; 0.8 as in public RSPO implementations (RSPO.md)
+    gamma_min: float | str = 0.8      # γ floor; 0.8 as in public RSPO implementations (RSPO.md); or "auto":
+    gamma_floor_share: float = 0.05   # ... then γ_min tracks this quantile of γ (share of tokens floored)
     clip_low: float | None = None     # ε_low; None = the loss's own default (RSPO.md: 0.2 / 3e-4 / 0.4)
     clip_high: float | None = None    # ε_high; None = the loss's own default (0.2 / 4e-4 / 0.4)
     routing_replay: bool = False      # train forward reuses the rollout's experts (paper's replay baseline)
@@ -85,8 +88,10 @@ class RLConfig:
         batch = self.n_prompts * self.group_size
         if self.minibatch_size < 1 or batch % self.minibatch_size:
             raise ValueError(f"minibatch_size={self.minibatch_size} must divide n_prompts × group_size = {batch}")
-        if not 0.0 < self.gamma_min <= 1.0:
-            raise ValueError(f"gamma_min must be in (0, 1], got {self.gamma_min}")
+        if self.gamma_min != "auto" and not (isinstance(self.gamma_min, (int, float)) and 0.0 < self.gamma_min <= 1.0):
+            raise ValueError(f"gamma_min must be a number in (0, 1] or 'auto', got {self.gamma_min!r}")
+        if not 0.0 < self.gamma_floor_share < 1.0:
+            raise ValueError(f"gamma_floor_share must be in (0, 1), got {self.gamma_floor_share}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {list(STRATEGIES)}")
         if self.rollout_engine not in ROLLOUT_ENGINES:
@@ -96,3 +101,14 @@ class RLConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+
+
+def parse_config(argv: list[str] | None, prog: str = "python -m minirspo.train", description: str = "") -> RLConfig:
+    """RLConfig from command-line flags; an invalid value exits with argparse's usage error."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, RLConfig)
+    try:
+        return config_from_flags(RLConfig, vars(parser.parse_args(argv)))
+    except ValueError as error:
+        parser.error(str(error))

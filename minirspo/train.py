@@ -20,7 +20,6 @@ Examples:
     python -m minirspo.train --model hf:PATH --accelerator gpu --precision bf16-mixed   # a local HF MoE
     python -m minirspo.train --model hf:PATH --strategy fsdp2 --devices 8 --precision bf16-mixed  # README
 """
-import argparse
 import signal
 import sys
 import warnings
@@ -33,14 +32,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from rich.console import Console
 from torch.utils.data import DataLoader, IterableDataset
 
-from minirspo.config import RLConfig
+from minirspo.config import RLConfig, parse_config
 from minirspo.distributed import build_strategy
 from minirspo.module import RLModule
 from minirspo.policy import load_policy
 from minirspo.report import merge_metrics, plot_curves, read_metrics, summary_table
 from minirspo.warmstart import warm_start
-from toy_moe.cli import add_config_flags, config_from_flags
-
 
 class _Ticks(IterableDataset):
     """The RL loop makes its own data; Lightning only needs something to iterate until max_steps."""
@@ -74,16 +71,6 @@ class StopOnInterrupt(Callback):
 
     def on_train_end(self, trainer, pl_module):
         signal.signal(signal.SIGINT, self.previous)
-
-
-def parse_config(argv: list[str] | None) -> RLConfig:
-    parser = argparse.ArgumentParser(prog="python -m minirspo.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, RLConfig)
-    try:
-        return config_from_flags(RLConfig, vars(parser.parse_args(argv)))
-    except ValueError as error:
-        parser.error(str(error))
 
 
 def run(config: RLConfig) -> Path:
@@ -131,7 +118,7 @@ def run(config: RLConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv)
+    config = parse_config(argv, description=__doc__)
     torch.set_float32_matmul_precision("high")
     try:
         run(config)

@@ -10,10 +10,22 @@ from typing import Union, get_args, get_origin, get_type_hints
 
 
 def _flag_type(kind):
-    """argparse `type=` for a field's annotation: int/float/str, `X | None` ("none"), tuple[int, ...] ("0,2")."""
+    """argparse `type=` for a field's annotation: int/float/str, unions such as `float | str` or `X | None`
+    ("none"), tuple[int, ...] ("0,2")."""
     if get_origin(kind) in (Union, UnionType):
-        inner = _flag_type(next(option for option in get_args(kind) if option is not NoneType))
-        return lambda text: None if text.lower() == "none" else inner(text)
+        options = [_flag_type(option) for option in get_args(kind) if option is not NoneType]
+        allows_none = NoneType in get_args(kind)
+
+        def parse(text: str):
+            if allows_none and text.lower() == "none":
+                return None
+            for option in options:  # in annotation order: `float | str` reads "0.8" as a float
+                try:
+                    return option(text)
+                except ValueError:
+                    continue
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}")
+        return parse
     if get_origin(kind) is tuple:
         return lambda text: tuple(int(item) for item in text.split(",") if item.strip())
     return kind
