@@ -1,0 +1,751 @@
+"""Autograder of the minirspo course assignments: Hypothesis property tests against the package's own code.
+
+Notation: B sequences, T tokens, L MoE layers, E experts per layer, K experts per token, D model dim,
+F hidden size of one expert, N tokens handed to one MoE layer.
+
+Each assignment asks for one piece of minirspo, and the package itself is the reference solution:
+    router_shift_ratio  minirspo.loss.router_shift_ratio            the router-shift ratio γ (RSPO.md)
+    rspo_loss           minirspo.loss.rspo_loss                     GMPO + router-shift weighting
+    moe_dispatch        toy_moe.model.MoELayer.route and .experts   top-K routing and dropless dispatch
+so grading `minirspo/loss.py` or `toy_moe/model.py` as a submission scores full marks.
+
+A property is one clause of the contract (value, gradient, mask handling, stop-gradient, γ floor, ...) and
+earns the points that the points file (tutorials/assignments/points.json) gives it, all or nothing.
+Hypothesis draws small shapes and a seed; the tensors are built from them, so a failure is reported as the
+call that rebuilds its inputs, e.g. `example_inputs("rspo_loss", "mask", batch=1, tokens=2, seed=0)`, next to
+the expected and received numbers. The grader never shows the reference's source: a traceback keeps only
+the frames of the submitted file. A submission that imports the reference implementation scores 0.
+
+Examples:
+    python -m minirspo.grade router_shift_ratio              # the student file in tutorials/assignments/
+    python -m minirspo.grade rspo_loss --submission my_rspo.py
+    python -m minirspo.grade rspo_loss --submission minirspo/loss.py     # the reference: full marks
+    python -m minirspo.grade moe_dispatch --submission toy_moe/model.py
+    python -m minirspo.grade rspo_loss --submissions hand-ins/ --csv grades.csv
+    python -m minirspo.grade rspo_loss --points my_points.json --max-examples 100
+"""
+import argparse
+import copy
+import csv
+import hashlib
+import importlib.util
+import inspect
+import json
+import math
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, NamedTuple
+
+import torch
+from einops import rearrange
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from torch import Tensor
+
+import minirspo.loss as loss_reference
+import toy_moe.model as moe_reference
+
+ASSIGNMENTS_DIR = Path(__file__).resolve().parent.parent / "tutorials" / "assignments"
+DEFAULT_POINTS = ASSIGNMENTS_DIR / "points.json"
+MAX_EXAMPLES = 25  # per property; every example is a few tiny tensors, so a whole assignment takes seconds
+
+
+class Mismatch(AssertionError):
+    """The submission ran but broke a property; the message says how."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparing a submission's outputs with the reference's
+# ---------------------------------------------------------------------------------------------------
+
+def _small(tensor: Tensor) -> str:
+    """A tensor as nested lists rounded to 4 decimals: readable for the few entries a shrunk example has."""
+    values = tensor.detach().cpu()
+    return str(values.tolist() if not values.is_floating_point() else values.double().round(decimals=4).tolist())
+
+
+def expect_close(what: str, got, expected: Tensor, *, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    if not isinstance(got, Tensor):
+        raise Mismatch(f"{what} should be a torch.Tensor, got {type(got).__name__}")
+    if tuple(got.shape) != tuple(expected.shape):
+        raise Mismatch(f"{what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+    wrong = ~torch.isclose(got.detach().double(), expected.detach().double(), rtol=rtol, atol=atol)
+    if wrong.any():
+        first = tuple(int(i) for i in wrong.nonzero()[0])
+        raise Mismatch(f"{what}{list(first) if first else ''}: expected {float(expected[first]):.6g}, got "
+                       f"{float(got[first]):.6g} ({int(wrong.sum())} of {wrong.numel()} entries differ)\n"
+                       f"  expected {what} = {_small(expected)}\n  your {what}     = {_small(got)}")
+
+
+def expect_equal(what: str, got, expected: Tensor) -> None:
+    if not isinstance(got, Tensor) or tuple(got.shape) != tuple(expected.shape) or not torch.equal(got, expected):
+        shown = _small(got) if isinstance(got, Tensor) else repr(got)
+        raise Mismatch(f"{what}: expected {_small(expected)}, got {shown}")
+
+
+def expect_no_gradient(what: str, tensor: Tensor) -> None:
+    if tensor.grad is not None and bool(tensor.grad.ne(0).any()):
+        raise Mismatch(f"{what} must get no gradient, but got {_small(tensor.grad)}")
+
+
+def gradients(output: Tensor, leaves: dict[str, Tensor]) -> dict[str, Tensor]:
+    """d(output²).sum() / d leaf for each leaf (a scalar output is used as it is); zeros where it has none."""
+    if not isinstance(output, Tensor) or not output.requires_grad:
+        raise Mismatch("your output carries no gradient: keep it in the autograd graph (no .detach(), "
+                       "no torch.no_grad(), no .item()/.tolist())")
+    scalar = output if output.ndim == 0 else output.square().sum()
+    grads = torch.autograd.grad(scalar, list(leaves.values()), allow_unused=True)
+    return {name: torch.zeros_like(leaf) if grad is None else grad
+            for (name, leaf), grad in zip(leaves.items(), grads)}
+
+
+def expect_same_gradients(got_output, expected_output: Tensor, got_leaves: dict[str, Tensor],
+                          expected_leaves: dict[str, Tensor]) -> None:
+    expected = gradients(expected_output, expected_leaves)
+    got = gradients(got_output, got_leaves)
+    for name in expected:
+        expect_close(f"gradient wrt {name}", got[name], expected[name], rtol=1e-3, atol=1e-5)
+
+
+def leaf_copies(inputs: dict, names: tuple[str, ...]) -> tuple[dict, dict[str, Tensor]]:
+    """A copy of `inputs` whose `names` are fresh leaves that require grad, and those leaves by name."""
+    copied = dict(inputs)
+    for name in names:
+        copied[name] = inputs[name].detach().clone().requires_grad_(True)
+    return copied, {name: copied[name] for name in names}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Assignment 1: router_shift_ratio
+# ---------------------------------------------------------------------------------------------------
+
+@st.composite
+def router_shapes(draw, *, all_experts: bool, masked: bool = False):
+    experts = draw(st.integers(2, 6))
+    top_k = experts if all_experts else draw(st.integers(1, experts - 1))
+    return {"layers": draw(st.integers(1, 3)), "batch": draw(st.integers(1, 3)),
+            "tokens": draw(st.integers(1, 4)), "experts": experts, "top_k": top_k,
+            "masked": masked, "seed": draw(st.integers(0, 2**16))}
+
+
+def router_inputs(layers: int, batch: int, tokens: int, experts: int, top_k: int, masked: bool,
+                  seed: int) -> dict:
+    """An old router, a current one that moved a little, and the old top-K routing a rollout would keep."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (layers, batch, tokens, experts)
+    old_logits = 1.5 * torch.randn(shape, generator=generator)                              # (L, B, T, E)
+    router_logits = old_logits + 0.5 * torch.randn(shape, generator=generator)              # (L, B, T, E)
+    old_topk_idx = old_logits.topk(top_k, dim=-1).indices                                   # (L, B, T, K)
+    old_topk_logprobs = old_logits.log_softmax(dim=-1).gather(-1, old_topk_idx)             # (L, B, T, K)
+    mask = None
+    if masked:
+        mask = torch.rand(batch, tokens, generator=generator) < 0.6                         # (B, T)
+        # a rollout stores 0 for the router log-probs of padding, so only the mask tells padding apart
+        padding = rearrange(~mask, "b t -> 1 b t 1")
+        old_topk_logprobs = old_topk_logprobs.masked_fill(padding, 0.0)                     # (L, B, T, K)
+    return {"router_logits": router_logits, "old_topk_idx": old_topk_idx,
+            "old_topk_logprobs": old_topk_logprobs, "mask": mask}
+
+
+def check_gamma_value(submission: dict, inputs: dict) -> None:
+    expected = loss_reference.router_shift_ratio(**inputs)
+    expect_close("γ", submission["router_shift_ratio"](**inputs), expected)
+
+
+def check_gamma_value_and_gradient(submission: dict, inputs: dict) -> None:
+    check_gamma_value(submission, inputs)
+    expected_inputs, expected_leaves = leaf_copies(inputs, ("router_logits",))
+    got_inputs, got_leaves = leaf_copies(inputs, ("router_logits",))
+    expect_same_gradients(submission["router_shift_ratio"](**got_inputs),
+                          loss_reference.router_shift_ratio(**expected_inputs), got_leaves, expected_leaves)
+
+
+BAD_ROUTER_INPUTS = {
+    "router_logits_3d": "router_logits of shape (B, T, E) instead of (L, B, T, E)",
+    "idx_shape": "old_topk_idx whose (L, B, T) differ from router_logits'",
+    "logprobs_shape": "old_topk_logprobs of another shape than old_topk_idx",
+    "mask_shape": "a mask of shape (T, B) instead of (B, T)",
+}
+
+
+@st.composite
+def bad_router_shapes(draw):
+    shapes = draw(router_shapes(all_experts=False, masked=True))
+    return shapes | {"batch": draw(st.integers(2, 3)), "tokens": draw(st.integers(1, 4)),
+                     "defect": draw(st.sampled_from(sorted(BAD_ROUTER_INPUTS)))}
+
+
+def bad_router_inputs(defect: str, **shapes) -> dict:
+    """Valid inputs with one defect; T != B is guaranteed where the defect is a transposed mask."""
+    if defect == "mask_shape" and shapes["tokens"] == shapes["batch"]:
+        shapes["tokens"] += 1
+    inputs = router_inputs(**shapes)
+    if defect == "router_logits_3d":
+        inputs["router_logits"] = inputs["router_logits"][0]
+    elif defect == "idx_shape":
+        inputs["old_topk_idx"] = inputs["old_topk_idx"][:, :-1]
+        inputs["old_topk_logprobs"] = inputs["old_topk_logprobs"][:, :-1]
+    elif defect == "logprobs_shape":
+        inputs["old_topk_logprobs"] = inputs["old_topk_logprobs"][..., :-1]
+    else:
+        inputs["mask"] = rearrange(inputs["mask"], "b t -> t b")
+    return inputs
+
+
+def check_input_errors(submission: dict, inputs: dict) -> None:
+    try:
+        submission["router_shift_ratio"](**inputs)
+    except ValueError:
+        return
+    except NotImplementedError:
+        raise
+    except Exception as error:
+        raise Mismatch(f"bad input should raise ValueError naming the argument, your code raised "
+                       f"{type(error).__name__}: {error}") from None
+    raise Mismatch("bad input should raise ValueError naming the argument, your code returned a result")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Assignment 2: rspo_loss
+# ---------------------------------------------------------------------------------------------------
+
+@st.composite
+def loss_shapes(draw, *, kind: str):
+    shapes = {"batch": draw(st.integers(1, 4)), "tokens": draw(st.integers(1, 5)), "kind": kind,
+              "seed": draw(st.integers(0, 2**16))}
+    if kind == "clipping":
+        shapes["clip"] = draw(st.sampled_from([0.2, 0.4, 0.6]))
+    if kind == "floor":
+        shapes["gamma_min"] = draw(st.sampled_from([0.7, 0.8, 0.9]))
+    return shapes
+
+
+def loss_inputs(batch: int, tokens: int, kind: str, seed: int, clip: float = 0.4, gamma_min: float = 0.8) -> dict:
+    """Inputs that exercise one clause of RSPO at a time. Every kind but "clipping" keeps each |log w̃| inside
+    the clip band, every kind but "floor" keeps γ above γ_min, and only "mask" has padding, so one mistake
+    breaks one property. kind: value | mask | clipping | floor | stop_gradient."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(low: float, high: float, *shape: int) -> Tensor:
+        return low + (high - low) * torch.rand(shape, generator=generator)
+
+    # |log w| <= 0.15 and log γ̃ >= log 0.7 keep |log w̃| < 0.4 = the smallest band tested outside "clipping"
+    log_ratio_bound = {"clipping": 1.5, "floor": 0.03}.get(kind, 0.15)
+    old_logprobs = uniform(-3.0, -0.05, batch, tokens)                                      # (B, T)
+    logprobs = old_logprobs + uniform(-log_ratio_bound, log_ratio_bound, batch, tokens)     # (B, T)
+    advantages = torch.randn(batch, generator=generator)                                    # (B,)
+    advantages = advantages.masked_fill(uniform(0, 1, batch) < 0.2, 0.0)  # an all-equal group has Â = 0
+    lowest_gamma = 0.05 if kind == "floor" else gamma_min
+    router_shift = uniform(lowest_gamma, 1.0, batch, tokens)                                # (B, T)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)                                      # (B, T)
+    if kind == "mask":
+        mask = uniform(0, 1, batch, tokens) < 0.6
+        # padding holds garbage that must not reach the loss (a rollout may leave anything there)
+        logprobs = torch.where(mask, logprobs, 20 * torch.randn(batch, tokens, generator=generator))
+        router_shift = torch.where(mask, router_shift, uniform(0.01, 1.0, batch, tokens))
+    return {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask,
+            "router_shift": router_shift, "clip_low": clip, "clip_high": clip, "gamma_min": gamma_min}
+
+
+def _loss_of(output, who: str) -> Tensor:
+    loss = getattr(output, "loss", None)
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        raise Mismatch(f"{who} rspo_loss must return LossOutput(loss=<0-d tensor>, metrics=...), got {output!r}")
+    return loss
+
+
+def check_loss_value(submission: dict, inputs: dict) -> None:
+    expected = _loss_of(loss_reference.rspo_loss(**inputs), "the reference")
+    expect_close("loss", _loss_of(submission["rspo_loss"](**inputs), "your"), expected, atol=1e-6)
+
+
+def check_loss_gradient(submission: dict, inputs: dict) -> None:
+    expected_inputs, expected_leaves = leaf_copies(inputs, ("logprobs",))
+    got_inputs, got_leaves = leaf_copies(inputs, ("logprobs",))
+    expect_same_gradients(_loss_of(submission["rspo_loss"](**got_inputs), "your"),
+                          _loss_of(loss_reference.rspo_loss(**expected_inputs), "the reference"),
+                          got_leaves, expected_leaves)
+
+
+def check_loss_value_and_gradient(submission: dict, inputs: dict) -> None:
+    check_loss_value(submission, inputs)
+    check_loss_gradient(submission, inputs)
+
+
+def check_stop_gradient(submission: dict, inputs: dict) -> None:
+    got_inputs, leaves = leaf_copies(inputs, ("logprobs", "router_shift"))
+    loss = _loss_of(submission["rspo_loss"](**got_inputs), "your")
+    if not loss.requires_grad:
+        raise Mismatch("your loss carries no gradient to logprobs")
+    loss.backward()
+    expect_no_gradient("router_shift (γ is a weight, sg[γ])", leaves["router_shift"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Assignment 3: moe_dispatch (MoELayer.route and MoELayer.experts)
+# ---------------------------------------------------------------------------------------------------
+
+@st.composite
+def moe_shapes(draw, *, kind: str):
+    experts = draw(st.integers(2 if kind != "idle" else 3, 5))
+    top_k = draw(st.integers(1, experts - 1 if kind == "idle" else experts))
+    # "dispatch" gives every expert at least one token: N·K >= E
+    tokens = draw(st.integers(math.ceil(experts / top_k) if kind == "dispatch" else 1, 6))
+    return {"tokens": tokens, "d_model": draw(st.sampled_from([2, 4])), "experts": experts, "top_k": top_k,
+            "hidden": draw(st.integers(1, 4)), "norm_topk_prob": draw(st.booleans()), "kind": kind,
+            "seed": draw(st.integers(0, 2**16))}
+
+
+def moe_inputs(tokens: int, d_model: int, experts: int, top_k: int, hidden: int, norm_topk_prob: bool,
+               kind: str, seed: int) -> dict:
+    """Keyword arguments of `MoELayer.route` (kind route | replay | frozen) or `MoELayer.experts` (kind
+    dispatch: every expert busy | idle: some experts get no token), `self` being a seeded toy_moe layer."""
+    generator = torch.Generator().manual_seed(seed)
+    config = moe_reference.ToyMoEConfig(d_model=d_model, n_heads=1, n_experts=experts, top_k=top_k,
+                                        expert_hidden=hidden, norm_topk_prob=norm_topk_prob)
+    layer = moe_reference.MoELayer(config)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    if kind in ("route", "replay", "frozen"):
+        x = torch.randn(1, tokens, d_model, generator=generator)                            # (B, T, D)
+        forced_idx = None
+        if kind == "replay":
+            scores = torch.rand(1, tokens, experts, generator=generator)                    # (B, T, E)
+            forced_idx = scores.argsort(dim=-1)[..., :top_k]                                # (B, T, K) distinct
+        return {"self": layer, "x": x, "forced_idx": forced_idx, "freeze_router": kind == "frozen"}
+    x = torch.randn(tokens, d_model, generator=generator)                                   # (N, D)
+    if kind == "dispatch":
+        # token n takes experts nK .. nK+K-1 (mod E): distinct per token, every expert used once N·K >= E
+        blocks = torch.arange(tokens * top_k) % experts                                     # (N·K,)
+        topk_idx = rearrange(blocks, "(n k) -> n k", k=top_k)                               # (N, K)
+        topk_idx = topk_idx[torch.randperm(tokens, generator=generator)]                    # (N, K)
+    else:
+        used = torch.randperm(experts, generator=generator)[:top_k + int(torch.randint(0, experts - top_k, (),
+                                                                                        generator=generator))]
+        scores = torch.rand(tokens, len(used), generator=generator)                         # (N, used)
+        topk_idx = used[scores.argsort(dim=-1)[:, :top_k]]                                  # (N, K)
+    gates = torch.rand(tokens, top_k, generator=generator).softmax(dim=-1)                  # (N, K)
+    return {"self": layer, "x": x, "topk_idx": topk_idx, "gates": gates}
+
+
+def _route(submission: dict, inputs: dict, who: str) -> tuple[tuple, dict[str, Tensor]]:
+    """Run route (yours or the reference) on a private copy of the layer; return its output, the copy's
+    inputs and the leaves whose gradients matter (x and the router weight)."""
+    layer = copy.deepcopy(inputs["self"])
+    x = inputs["x"].detach().clone().requires_grad_(True)
+    route = moe_reference.MoELayer.route if who == "reference" else submission["MoELayer.route"]
+    output = route(layer, x, inputs["forced_idx"], inputs["freeze_router"])
+    if not (isinstance(output, tuple) and len(output) == 3):
+        raise Mismatch(f"route must return (router_logits, topk_idx, gates), got {type(output).__name__}")
+    return output, {"x": x, "router.weight": layer.router.weight}
+
+
+def _by_expert(topk_idx: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
+    """Experts and their gates sorted by expert id: the top-K is a set, its order is free."""
+    order = topk_idx.argsort(dim=-1)                                                        # (B, T, K)
+    return topk_idx.gather(-1, order), gates.gather(-1, order)
+
+
+def check_topk_selection(submission: dict, inputs: dict) -> None:
+    (expected_logits, expected_idx, _), _ = _route(submission, inputs, "reference")
+    (logits, topk_idx, _), _ = _route(submission, inputs, "yours")
+    expect_close("router_logits", logits, expected_logits)
+    if not isinstance(topk_idx, Tensor) or topk_idx.shape != expected_idx.shape:
+        raise Mismatch(f"topk_idx should be a tensor of shape {tuple(expected_idx.shape)}")
+    expect_equal("topk_idx (sorted: the top-K is a set)", topk_idx.sort(dim=-1).values,
+                 expected_idx.sort(dim=-1).values)
+
+
+def check_gates(submission: dict, inputs: dict) -> None:
+    (_, expected_idx, expected_gates), expected_leaves = _route(submission, inputs, "reference")
+    (_, topk_idx, gates), leaves = _route(submission, inputs, "yours")
+    if not isinstance(topk_idx, Tensor) or topk_idx.shape != expected_idx.shape:
+        raise Mismatch(f"topk_idx should be a tensor of shape {tuple(expected_idx.shape)}")
+    expected_idx, expected_gates = _by_expert(expected_idx, expected_gates)
+    topk_idx, gates = _by_expert(topk_idx, gates)
+    expect_equal("topk_idx (sorted)", topk_idx, expected_idx)
+    expect_close("gates (sorted by expert)", gates, expected_gates)
+    expect_same_gradients(gates, expected_gates, leaves, expected_leaves)
+
+
+def check_replay(submission: dict, inputs: dict) -> None:
+    (_, expected_idx, expected_gates), _ = _route(submission, inputs, "reference")
+    (_, topk_idx, gates), _ = _route(submission, inputs, "yours")
+    expect_equal("topk_idx (the forced experts, in their order)", topk_idx, expected_idx)
+    expect_close("gates of the forced experts", gates, expected_gates)
+
+
+def check_frozen_router(submission: dict, inputs: dict) -> None:
+    (expected_logits, _, expected_gates), expected_leaves = _route(submission, inputs, "reference")
+    (logits, _, gates), leaves = _route(submission, inputs, "yours")
+    objective = expected_logits.square().sum() + expected_gates.square().sum()
+    expected_grad_x, = torch.autograd.grad(objective, [expected_leaves["x"]])
+    if not (isinstance(logits, Tensor) and isinstance(gates, Tensor) and logits.requires_grad):
+        raise Mismatch("route's router_logits and gates must stay differentiable wrt x under freeze_router")
+    (logits.square().sum() + gates.square().sum()).backward()
+    expect_no_gradient("router.weight under freeze_router=True", leaves["router.weight"])
+    expect_close("gradient wrt x under freeze_router=True", leaves["x"].grad, expected_grad_x, rtol=1e-3)
+
+
+def _experts(submission: dict, inputs: dict, who: str) -> tuple[Tensor, dict[str, Tensor]]:
+    layer = copy.deepcopy(inputs["self"])
+    x = inputs["x"].detach().clone().requires_grad_(True)
+    gates = inputs["gates"].detach().clone().requires_grad_(True)
+    experts = moe_reference.MoELayer.experts if who == "reference" else submission["MoELayer.experts"]
+    output = experts(layer, x, inputs["topk_idx"], gates)
+    return output, {"x": x, "gates": gates, "gate_up": layer.gate_up, "down": layer.down}
+
+
+def check_dispatch_value(submission: dict, inputs: dict) -> None:
+    expected, _ = _experts(submission, inputs, "reference")
+    got, _ = _experts(submission, inputs, "yours")
+    expect_close("experts output", got, expected)
+
+
+def check_dispatch_gradients(submission: dict, inputs: dict) -> None:
+    expected, expected_leaves = _experts(submission, inputs, "reference")
+    got, leaves = _experts(submission, inputs, "yours")
+    expect_same_gradients(got, expected, leaves, expected_leaves)
+
+
+def check_idle_experts(submission: dict, inputs: dict) -> None:
+    check_dispatch_value(submission, inputs)
+    check_dispatch_gradients(submission, inputs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The assignments
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Property:
+    name: str                             # its key in the points file
+    checks: str                           # one line for the score table
+    examples: st.SearchStrategy           # -> dict of small ints (shapes, seed, ...)
+    build: Callable[..., dict]            # example -> keyword arguments of the graded function
+    check: Callable[[dict, dict], None]   # (submission's functions, inputs) -> raises Mismatch
+    function: str = ""                    # which graded function the inputs are for ("" = the only one)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    name: str
+    student_file: str                     # relative to tutorials/assignments/
+    graded: tuple[str, ...]               # what the submission must define ("MoELayer.route": a method)
+    reference_objects: tuple              # importing any of these into a submission is not allowed
+    properties: tuple[Property, ...]
+
+
+ASSIGNMENTS = {assignment.name: assignment for assignment in (
+    Assignment(
+        "router_shift_ratio", "router_shift_ratio/router_shift.py", ("router_shift_ratio",),
+        (loss_reference, loss_reference.router_shift_ratio, loss_reference.router_logprobs_at),
+        (Property("value", "γ (B, T) with K = E, no mask", router_shapes(all_experts=True), router_inputs,
+                  check_gamma_value),
+         Property("gradient", "γ is differentiable wrt router_logits", router_shapes(all_experts=True),
+                  router_inputs, check_gamma_value_and_gradient),
+         Property("mask", "γ = 1 and no gradient at padding (its old log-probs are 0)",
+                  router_shapes(all_experts=True, masked=True), router_inputs, check_gamma_value_and_gradient),
+         Property("old top-K", "averages over the K experts the old policy activated, K < E",
+                  router_shapes(all_experts=False), router_inputs, check_gamma_value),
+         Property("input checks", "bad shapes raise ValueError", bad_router_shapes(), bad_router_inputs,
+                  check_input_errors))),
+    Assignment(
+        "rspo_loss", "rspo_loss/rspo_loss.py", ("rspo_loss",),
+        (loss_reference, loss_reference.rspo_loss, loss_reference.gmpo_loss, loss_reference.grpo_loss,
+         loss_reference.gspo_loss, loss_reference.policy_loss),
+        (Property("value", "−J inside the clip band, γ ≥ γ_min, no padding", loss_shapes(kind="value"),
+                  loss_inputs, check_loss_value),
+         Property("gradient", "d loss / d logprobs", loss_shapes(kind="value"), loss_inputs, check_loss_gradient),
+         Property("mask", "padding ignored, an empty sequence still counts in B",
+                  loss_shapes(kind="mask"), loss_inputs, check_loss_value_and_gradient),
+         Property("clipping", "one-sided clip of log w̃ at ±ε by the sign of Â", loss_shapes(kind="clipping"),
+                  loss_inputs, check_loss_value_and_gradient),
+         Property("gamma floor", "γ̃ = max(γ, γ_min)", loss_shapes(kind="floor"), loss_inputs,
+                  check_loss_value_and_gradient),
+         Property("stop-gradient", "no gradient flows into router_shift", loss_shapes(kind="stop_gradient"),
+                  loss_inputs, check_stop_gradient))),
+    Assignment(
+        "moe_dispatch", "moe_dispatch/moe_dispatch.py", ("MoELayer.route", "MoELayer.experts"),
+        (moe_reference, moe_reference.MoELayer, moe_reference.ToyMoE),
+        (Property("top-K selection", "router logits and the K most probable experts", moe_shapes(kind="route"),
+                  moe_inputs, check_topk_selection, "MoELayer.route"),
+         Property("gates", "softmax over all E at the chosen experts, renormalised if asked; gradients",
+                  moe_shapes(kind="route"), moe_inputs, check_gates, "MoELayer.route"),
+         Property("routing replay", "forced_idx: those experts, gates from the current router",
+                  moe_shapes(kind="replay"), moe_inputs, check_replay, "MoELayer.route"),
+         Property("frozen router", "freeze_router: no gradient to the router weight, still to x",
+                  moe_shapes(kind="frozen"), moe_inputs, check_frozen_router, "MoELayer.route"),
+         Property("dispatch value", "Σ_k gate · expert(x), every expert busy", moe_shapes(kind="dispatch"),
+                  moe_inputs, check_dispatch_value, "MoELayer.experts"),
+         Property("dispatch gradients", "gradients wrt x, gates and expert weights", moe_shapes(kind="dispatch"),
+                  moe_inputs, check_dispatch_gradients, "MoELayer.experts"),
+         Property("idle experts", "experts that get no token (dropless, no empty-batch errors)",
+                  moe_shapes(kind="idle"), moe_inputs, check_idle_experts, "MoELayer.experts"))),
+)}
+
+
+def example_inputs(assignment: str, property_name: str, **example) -> dict:
+    """The inputs of one counterexample, rebuilt from what the grader printed."""
+    return _property(assignment, property_name).build(**example)
+
+
+def _property(assignment: str, property_name: str) -> Property:
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"unknown assignment {assignment!r}; choose one of {sorted(ASSIGNMENTS)}")
+    by_name = {prop.name: prop for prop in ASSIGNMENTS[assignment].properties}
+    if property_name not in by_name:
+        raise ValueError(f"assignment {assignment!r} has no property {property_name!r}; it has {sorted(by_name)}")
+    return by_name[property_name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading a submission and the points
+# ---------------------------------------------------------------------------------------------------
+
+class SubmissionError(Exception):
+    """The file cannot be graded at all (does not import, lacks a function, borrows the reference)."""
+
+
+def _own_frames(error: BaseException, path: Path) -> str:
+    """The error with only the traceback frames of the submitted file: the reference's never show."""
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename).resolve() == path]
+    return "".join(traceback.format_list(frames)) + f"{type(error).__name__}: {error}"
+
+
+def load_submission(assignment: Assignment, path: Path | str) -> dict[str, Callable]:
+    """Import the file and return its graded functions by name; SubmissionError says what is wrong."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise SubmissionError(f"submission file not found: {path}")
+    module_name = f"submission_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as error:  # SystemExit or KeyboardInterrupt from a student file must not end grading
+        raise SubmissionError(f"importing {path.name} failed:\n{_own_frames(error, path)}") from None
+    borrowed = sorted(name for name, value in vars(module).items()
+                      if any(value is reference for reference in assignment.reference_objects))
+    if borrowed:
+        raise SubmissionError(f"{path.name} imports the reference implementation ({', '.join(borrowed)}); "
+                              f"write your own")
+    return {name: _graded_function(module, name, path) for name in assignment.graded}
+
+
+def _graded_function(module: ModuleType, dotted_name: str, path: Path) -> Callable:
+    target = module
+    for part in dotted_name.split("."):
+        if not hasattr(target, part):
+            raise SubmissionError(f"{path.name} must define {dotted_name}")
+        target = getattr(target, part)
+    code = getattr(inspect.unwrap(target), "__code__", None)
+    if code is None or Path(code.co_filename).resolve() != path:
+        raise SubmissionError(f"{dotted_name} must be a function written in {path.name}")
+    return target
+
+
+def load_points(path: Path | str | None = None) -> dict[str, dict[str, float]]:
+    """{assignment: {property: points}} from a JSON points file; every property needs a value >= 0."""
+    path = Path(path) if path is not None else DEFAULT_POINTS
+    if not path.is_file():
+        raise FileNotFoundError(f"points file not found: {path} (pass --points FILE)")
+    points = json.loads(path.read_text())
+    for assignment_name, by_property in points.items():
+        if assignment_name not in ASSIGNMENTS:
+            raise ValueError(f"{path}: unknown assignment {assignment_name!r}; choose from {sorted(ASSIGNMENTS)}")
+        names = {prop.name for prop in ASSIGNMENTS[assignment_name].properties}
+        if set(by_property) != names:
+            raise ValueError(f"{path}: {assignment_name} must give points to exactly {sorted(names)}; "
+                             f"missing {sorted(names - set(by_property))}, unknown {sorted(set(by_property) - names)}")
+        for name, value in by_property.items():
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{path}: {assignment_name}.{name} must be a number >= 0, got {value!r}")
+    return points
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grading
+# ---------------------------------------------------------------------------------------------------
+
+class PropertyScore(NamedTuple):
+    name: str
+    checks: str
+    points: float
+    earned: float
+    failure: str | None  # None when it passed; else what went wrong and how to reproduce it
+
+
+class Report(NamedTuple):
+    assignment: str
+    submission: Path
+    scores: list[PropertyScore]
+    problem: str | None  # why nothing could be graded, if so
+
+    @property
+    def total(self) -> float:
+        return sum(score.earned for score in self.scores)
+
+    @property
+    def max_total(self) -> float:
+        return sum(score.points for score in self.scores)
+
+
+def run_property(assignment: Assignment, prop: Property, functions: dict[str, Callable], path: Path,
+                 max_examples: int) -> str | None:
+    """None if every example passed, else the shrunk counterexample as text."""
+    failures: list[tuple[dict, BaseException]] = []
+    not_implemented: list[NotImplementedError] = []
+
+    # no explain phase: it re-runs the shrunk example many times only to annotate Hypothesis's own report
+    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None, print_blob=False,
+              suppress_health_check=list(HealthCheck),
+              phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink))
+    @given(example=prop.examples)
+    def test(example):
+        try:
+            prop.check(functions, prop.build(**example))
+        except NotImplementedError as error:
+            not_implemented.append(error)  # no counterexample to shrink: Hypothesis would only spend seconds
+        except Exception as error:
+            failures.append((example, error))
+            raise
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors of a few entries: starting intra-op threads costs more than it saves
+    try:
+        test()
+    except Exception:
+        example, error = failures[-1]  # Hypothesis replays the shrunk example last
+        return _describe_failure(assignment, prop, example, error, path)
+    finally:
+        torch.set_num_threads(threads)
+    if not_implemented:
+        return f"not implemented yet: {not_implemented[0]}"
+    return None
+
+
+def _describe_failure(assignment: Assignment, prop: Property, example: dict, error: BaseException,
+                      path: Path) -> str:
+    arguments = ", ".join(f"{key}={value!r}" for key, value in example.items())
+    inputs = prop.build(**example)
+    shown = "\n".join(f"    {name} = {_small(value) if isinstance(value, Tensor) else repr(value)}"
+                      for name, value in inputs.items() if name != "self")
+    what = str(error) if isinstance(error, Mismatch) else f"your code raised:\n{_own_frames(error, path)}"
+    return (f"{what}\nreproduce:\n    from minirspo.grade import example_inputs\n"
+            f"    inputs = example_inputs({assignment.name!r}, {prop.name!r}, {arguments})\n"
+            f"    {prop.function or assignment.graded[0]}(**inputs)\ninputs:\n{shown}")
+
+
+def grade(assignment_name: str, submission: Path | str, points: dict[str, dict[str, float]] | None = None,
+          max_examples: int = MAX_EXAMPLES) -> Report:
+    """Grade one file: every property of the assignment, all or nothing."""
+    if assignment_name not in ASSIGNMENTS:
+        raise ValueError(f"unknown assignment {assignment_name!r}; choose one of {sorted(ASSIGNMENTS)}")
+    assignment = ASSIGNMENTS[assignment_name]
+    points = (points if points is not None else load_points())[assignment_name]
+    path = Path(submission).resolve()
+    try:
+        functions = load_submission(assignment, path)
+    except SubmissionError as error:
+        scores = [PropertyScore(prop.name, prop.checks, points[prop.name], 0.0, None)
+                  for prop in assignment.properties]
+        return Report(assignment_name, path, scores, str(error))
+    scores = []
+    for prop in assignment.properties:
+        failure = run_property(assignment, prop, functions, path, max_examples)
+        scores.append(PropertyScore(prop.name, prop.checks, points[prop.name],
+                                    points[prop.name] if failure is None else 0.0, failure))
+    return Report(assignment_name, path, scores, None)
+
+
+def score_table(report: Report) -> Table:
+    table = Table(title=f"{report.assignment}: {report.submission}")
+    for column, justify in (("property", "left"), ("checks", "left"), ("result", "left"), ("points", "right")):
+        table.add_column(column, justify=justify)
+    for score in report.scores:
+        result = "[green]pass" if score.earned == score.points and report.problem is None else "[red]fail"
+        table.add_row(score.name, score.checks, result, f"{score.earned:g} / {score.points:g}")
+    table.add_section()
+    table.add_row("[bold]total", "", "", f"[bold]{report.total:g} / {report.max_total:g}")
+    return table
+
+
+def print_report(report: Report, console: Console) -> None:
+    console.print(score_table(report))
+    if report.problem is not None:
+        console.print(Text(report.problem, style="red"))
+    for score in report.scores:
+        if score.failure is not None:
+            console.rule(f"[red]{score.name}")
+            console.print(Text(score.failure), soft_wrap=True)  # unwrapped: the reproduce line is copied
+
+
+def grade_folder(assignment_name: str, folder: Path | str, csv_path: Path | str,
+                 points: dict[str, dict[str, float]] | None = None, max_examples: int = MAX_EXAMPLES) -> list[Report]:
+    """Grade every *.py under `folder` (student = path without .py) and write one CSV row per student."""
+    folder = Path(folder)
+    files = sorted(folder.rglob("*.py"))
+    if not files:
+        raise FileNotFoundError(f"no *.py submissions under {folder}")
+    points = points if points is not None else load_points()
+    reports = [grade(assignment_name, path, points, max_examples) for path in files]
+    names = [prop.name for prop in ASSIGNMENTS[assignment_name].properties]
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["submission", *names, "total", "max", "problem"])
+        for path, report in zip(files, reports):
+            writer.writerow([path.relative_to(folder).with_suffix("").as_posix(),
+                             *(f"{score.earned:g}" for score in report.scores),
+                             f"{report.total:g}", f"{report.max_total:g}", report.problem or ""])
+    return reports
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minirspo.grade", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("assignment", choices=sorted(ASSIGNMENTS))
+    parser.add_argument("--submission", type=Path,
+                        help="the file to grade (default: the student file in tutorials/assignments/)")
+    parser.add_argument("--submissions", type=Path, help="grade every *.py under this folder (needs --csv)")
+    parser.add_argument("--csv", type=Path, help="with --submissions: write one row per submission here")
+    parser.add_argument("--points", type=Path, help=f"points file (default: {DEFAULT_POINTS})")
+    parser.add_argument("--max-examples", type=int, default=MAX_EXAMPLES,
+                        help="Hypothesis examples per property (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if (args.submissions is None) != (args.csv is None):
+        parser.error("--submissions and --csv go together")
+    if args.submissions is not None and args.submission is not None:
+        parser.error("give either --submission FILE or --submissions DIR, not both")
+    if args.max_examples < 1:
+        parser.error(f"--max-examples must be >= 1, got {args.max_examples}")
+    console = Console()
+    try:
+        points = load_points(args.points)
+        if args.submissions is not None:
+            reports = grade_folder(args.assignment, args.submissions, args.csv, points, args.max_examples)
+            table = Table(title=f"{args.assignment}: {len(reports)} submissions -> {args.csv}")
+            for column in ("submission", "total", "problem"):
+                table.add_column(column)
+            for report in reports:
+                name = report.submission.relative_to(args.submissions.resolve()).as_posix()
+                problem = report.problem.splitlines()[-1] if report.problem else ""
+                table.add_row(name, f"{report.total:g} / {report.max_total:g}", Text(problem))
+            console.print(table)
+            return
+        submission = args.submission or ASSIGNMENTS_DIR / ASSIGNMENTS[args.assignment].student_file
+        print_report(grade(args.assignment, submission, points, args.max_examples), console)
+    except (FileNotFoundError, ValueError) as error:
+        Console(stderr=True).print(f"[red]error:[/] {error}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The autograder: untouched student files score 0, the reference and an independent solution score full marks,
+and each planted common mistake loses exactly the points of the property it breaks.
+
+The independent solutions below are written from shared/RSPO.md and the student files' docstrings, not from
+the package (float64 and a per-expert loop where the package uses float32 and a sort), so full marks also
+show that the grader's tolerances accept a different, correct implementation.
+"""
+import csv
+import re
+
+import pytest
+
+from minirspo import grade
+
+ROUTER_SHIFT_SOLUTION = '''
+import torch
+
+
+def router_shift_ratio(router_logits, old_topk_idx, old_topk_logprobs, mask=None):
+    if router_logits.ndim != 4:
+        raise ValueError("router_logits must be (L, B, T, E)")
+    if old_topk_idx.ndim != 4 or old_topk_idx.shape[:3] != router_logits.shape[:3]:
+        raise ValueError("old_topk_idx must be (L, B, T, K)")
+    if old_topk_logprobs.shape != old_topk_idx.shape:
+        raise ValueError("old_topk_logprobs must have the shape of old_topk_idx")
+    if mask is not None and mask.shape != router_logits.shape[1:3]:
+        raise ValueError("mask must be (B, T)")
+    new_logprobs = router_logits.double().log_softmax(dim=-1).gather(-1, old_topk_idx)
+    shift = (new_logprobs - old_topk_logprobs.double()).abs()
+    per_layer = shift.mean(dim=-1)
+    gamma = torch.exp(-per_layer.mean(dim=0)).float()
+    return gamma if mask is None else torch.where(mask, gamma, torch.ones_like(gamma))
+'''
+# The dense mistake: scatter the K shifts into an E-vector of zeros and average over all E experts.
+ALL_EXPERTS_MISTAKE = ("per_layer = shift.mean(dim=-1)",
+                       "per_layer = torch.zeros_like(router_logits, dtype=torch.float64)"
+                       ".scatter(-1, old_topk_idx, shift).mean(dim=-1)")
+
+RSPO_SOLUTION = '''
+import torch
+from minirspo.loss import LossOutput
+
+
+def rspo_loss(logprobs, old_logprobs, advantages, mask, *, router_shift, clip_low=0.4, clip_high=0.4,
+              gamma_min=0.8):
+    gamma = router_shift.detach().clamp(min=gamma_min)
+    log_ratio = torch.where(mask, logprobs - old_logprobs + gamma.log(), torch.zeros_like(logprobs))
+    clipped = torch.where((advantages > 0)[:, None], log_ratio.clamp(max=clip_high), log_ratio)
+    clipped = torch.where((advantages < 0)[:, None], clipped.clamp(min=-clip_low), clipped)
+    n_valid = mask.sum(dim=1)
+    mean_log_ratio = torch.where(mask, clipped, torch.zeros_like(clipped)).sum(dim=1) / n_valid.clamp(min=1)
+    per_sequence = torch.where(n_valid > 0, advantages * mean_log_ratio.exp(), torch.zeros_like(advantages))
+    return LossOutput(-per_sequence.mean(), {})
+'''
+NO_STOP_GRADIENT_MISTAKE = ("router_shift.detach().clamp(min=gamma_min)", "router_shift.clamp(min=gamma_min)")
+NO_FLOOR_MISTAKE = ("router_shift.detach().clamp(min=gamma_min)", "router_shift.detach()")
+
+MOE_SOLUTION = '''
+import torch
+from toy_moe.model import swiglu
+
+
+class MoELayer:
+    def route(self, x, forced_idx, freeze_router):
+        weight = self.router.weight.detach() if freeze_router else self.router.weight
+        router_logits = x.float() @ weight.float().T
+        probs = router_logits.softmax(dim=-1)
+        topk_idx = probs.topk(self.top_k, dim=-1).indices if forced_idx is None else forced_idx
+        gates = probs.gather(-1, topk_idx)
+        if self.norm_topk_prob:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return router_logits, topk_idx, gates
+
+    def experts(self, x, topk_idx, gates):
+        y = torch.zeros_like(x)
+        for expert in range(self.n_experts):
+            token, slot = (topk_idx == expert).nonzero(as_tuple=True)
+            if len(token):
+                out = swiglu(x[token], self.gate_up[expert], self.down[expert])
+                y = y.index_add(0, token, out * gates[token, slot, None])
+        return y
+'''
+IGNORED_FREEZE_MISTAKE = ("self.router.weight.detach() if freeze_router else self.router.weight",
+                          "self.router.weight")
+
+REFERENCE_FILES = {"router_shift_ratio": "minirspo/loss.py", "rspo_loss": "minirspo/loss.py",
+                   "moe_dispatch": "toy_moe/model.py"}
+SOLUTIONS = {"router_shift_ratio": ROUTER_SHIFT_SOLUTION, "rspo_loss": RSPO_SOLUTION, "moe_dispatch": MOE_SOLUTION}
+MISTAKES = [("router_shift_ratio", ALL_EXPERTS_MISTAKE, "old top-K"),
+            ("rspo_loss", NO_STOP_GRADIENT_MISTAKE, "stop-gradient"),
+            ("rspo_loss", NO_FLOOR_MISTAKE, "gamma floor"),
+            ("moe_dispatch", IGNORED_FREEZE_MISTAKE, "frozen router")]
+POINTS = grade.load_points()
+
+
+def write_submission(tmp_path, assignment, text, mistake=None):
+    if mistake is not None:
+        correct, wrong = mistake
+        assert text.count(correct) == 1, f"the planted mistake must replace exactly one place: {correct!r}"
+        text = text.replace(correct, wrong)
+    path = tmp_path / f"{assignment}.py"
+    path.write_text(text)
+    return path
+
+
+def earned(report):
+    return {score.name: score.earned for score in report.scores}
+
+
+@pytest.mark.parametrize("assignment", sorted(grade.ASSIGNMENTS))
+def test_untouched_student_file_scores_zero(assignment):
+    report = grade.grade(assignment, grade.ASSIGNMENTS_DIR / grade.ASSIGNMENTS[assignment].student_file)
+    assert report.problem is None
+    assert report.total == 0
+    assert all(score.failure.startswith("not implemented yet") for score in report.scores)
+
+
+@pytest.mark.parametrize("assignment", sorted(grade.ASSIGNMENTS))
+def test_the_package_itself_scores_full_marks(assignment):
+    root = grade.ASSIGNMENTS_DIR.parent.parent
+    report = grade.grade(assignment, root / REFERENCE_FILES[assignment])
+    assert [score.failure for score in report.scores] == [None] * len(report.scores)
+    assert report.total == report.max_total == sum(POINTS[assignment].values())
+
+
+@pytest.mark.parametrize("assignment", sorted(grade.ASSIGNMENTS))
+def test_independent_solution_scores_full_marks(assignment, tmp_path):
+    report = grade.grade(assignment, write_submission(tmp_path, assignment, SOLUTIONS[assignment]))
+    assert [score.failure for score in report.scores] == [None] * len(report.scores)
+    assert report.total == report.max_total
+
+
+@pytest.mark.parametrize("assignment, mistake, broken", MISTAKES, ids=[m[2] for m in MISTAKES])
+def test_planted_mistake_loses_exactly_its_property(assignment, mistake, broken, tmp_path):
+    path = write_submission(tmp_path, assignment, SOLUTIONS[assignment], mistake)
+    report = grade.grade(assignment, path)
+    expected = dict(POINTS[assignment]) | {broken: 0.0}
+    assert earned(report) == expected
+    assert report.total == report.max_total - POINTS[assignment][broken]
+
+    # the counterexample rebuilds inputs on which the mistake and the reference really disagree
+    failure = next(score.failure for score in report.scores if score.name == broken)
+    call = re.search(r"inputs = (example_inputs\(.*\))", failure).group(1)
+    inputs = eval(call, {"example_inputs": grade.example_inputs})
+    prop = next(prop for prop in grade.ASSIGNMENTS[assignment].properties if prop.name == broken)
+    with pytest.raises(grade.Mismatch):
+        prop.check(grade.load_submission(grade.ASSIGNMENTS[assignment], path), inputs)
+
+
+def test_failure_shows_only_the_submissions_own_frames(tmp_path):
+    text = '''
+def helper(x):
+    raise RuntimeError("shape trouble in my helper")
+
+
+def router_shift_ratio(router_logits, old_topk_idx, old_topk_logprobs, mask=None):
+    return helper(router_logits)
+'''
+    report = grade.grade("router_shift_ratio", write_submission(tmp_path, "router_shift_ratio", text))
+    failure = report.scores[0].failure
+    assert "shape trouble in my helper" in failure and "router_shift_ratio.py" in failure
+    assert "in helper" in failure
+    # neither the reference's nor the grader's source leaks into what the student sees
+    assert "minirspo/loss.py" not in failure and "grade.py" not in failure
+    assert "router_logprobs_at" not in failure
+
+
+def test_submission_that_imports_the_reference_scores_zero(tmp_path):
+    text = "from minirspo.loss import router_shift_ratio as reference\n\n\n" \
+           "def router_shift_ratio(*args, **kwargs):\n    return reference(*args, **kwargs)\n"
+    report = grade.grade("router_shift_ratio", write_submission(tmp_path, "router_shift_ratio", text))
+    assert report.total == 0 and "imports the reference implementation (reference)" in report.problem
+
+
+def test_missing_function_and_broken_import_score_zero(tmp_path):
+    missing = grade.grade("rspo_loss", write_submission(tmp_path, "rspo_loss", "def gmpo(x):\n    return x\n"))
+    assert missing.total == 0 and "must define rspo_loss" in missing.problem
+    broken = grade.grade("rspo_loss", write_submission(tmp_path, "rspo_loss", "import sys\nsys.exit(3)\n"))
+    assert broken.total == 0 and "SystemExit" in broken.problem
+
+
+def test_points_file_sets_the_values_and_rejects_unknown_properties(tmp_path):
+    points = {name: dict(values) for name, values in POINTS.items()}
+    points["rspo_loss"]["stop-gradient"] = 7
+    path = write_submission(tmp_path, "rspo_loss", RSPO_SOLUTION, NO_STOP_GRADIENT_MISTAKE)
+    report = grade.grade("rspo_loss", path, points)
+    assert report.max_total == sum(POINTS["rspo_loss"].values()) - POINTS["rspo_loss"]["stop-gradient"] + 7
+    assert report.total == report.max_total - 7
+
+    points["rspo_loss"]["stop gradient"] = points["rspo_loss"].pop("stop-gradient")
+    bad = tmp_path / "points.json"
+    bad.write_text(grade.json.dumps(points))
+    with pytest.raises(ValueError, match=r"missing \['stop-gradient'\], unknown \['stop gradient'\]"):
+        grade.load_points(bad)
+
+
+def test_folder_of_submissions_to_csv(tmp_path):
+    hand_ins = tmp_path / "hand-ins"
+    (hand_ins / "bob").mkdir(parents=True)
+    (hand_ins / "alice.py").write_text(RSPO_SOLUTION)
+    (hand_ins / "bob" / "rspo_loss.py").write_text(RSPO_SOLUTION.replace(*NO_FLOOR_MISTAKE))
+    (hand_ins / "carol.py").write_text("def rspo_loss(:\n")
+    grade.main(["rspo_loss", "--submissions", str(hand_ins), "--csv", str(tmp_path / "grades.csv")])
+    with open(tmp_path / "grades.csv", newline="") as handle:
+        rows = {row["submission"]: row for row in csv.DictReader(handle)}
+    full = sum(POINTS["rspo_loss"].values())
+    assert set(rows) == {"alice", "bob/rspo_loss", "carol"}
+    assert float(rows["alice"]["total"]) == full
+    assert float(rows["bob/rspo_loss"]["total"]) == full - POINTS["rspo_loss"]["gamma floor"]
+    assert float(rows["bob/rspo_loss"]["gamma floor"]) == 0
+    assert float(rows["carol"]["total"]) == 0 and "SyntaxError" in rows["carol"]["problem"]
+
+
+def test_cli_prints_the_score_table_and_help(tmp_path, capsys):
+    path = write_submission(tmp_path, "rspo_loss", RSPO_SOLUTION, NO_FLOOR_MISTAKE)
+    grade.main(["rspo_loss", "--submission", str(path)])
+    out = capsys.readouterr().out
+    full = sum(POINTS["rspo_loss"].values())
+    assert re.search(rf"total\s.*\s{full - POINTS['rspo_loss']['gamma floor']:g} / {full:g}", out)
+    assert "reproduce:" in out and "example_inputs('rspo_loss', 'gamma floor'" in out
+    with pytest.raises(SystemExit):
+        grade.main(["--help"])
+    assert "python -m minirspo.grade rspo_loss --submissions hand-ins/ --csv grades.csv" in capsys.readouterr().out
