@@ -407,7 +407,7 @@ class HFPolicy(Policy):
             raise RuntimeError(f"expected {n_steps + 1} forward passes of {n_layers} gates while generating "
                                f"{n_steps} tokens, recorded {len(records)} gate calls")
         token_records = records[n_layers:]  # the first forward routed the prompt
-        if not token_records:  # a dense model: no routing, (0, B, N, 0) like its scores
+        if not self.is_moe:  # no routing: (0, B, N, 0), like its scores
             no_routing = tokens.new_zeros((0, *tokens.shape, 0))
             return Rollout(tokens, logprobs, mask, no_routing, no_routing.float())
         topk_idx = rearrange(torch.stack([experts for _, experts in token_records]),
@@ -432,7 +432,9 @@ class HFPolicy(Policy):
         self.router.configure(replay=routing, freeze=freeze_router)
         with self.router.recording() as records:
             logprobs, entropy = self.model(ids, valid, tokens, temperature=temperature, banned_tokens=self.banned)
-        if not records:  # a dense model: no router
+        if len(records) != len(self.router.gates):
+            raise RuntimeError(f"recorded {len(records)} gate calls in one forward of {len(self.router.gates)} MoE layers")
+        if not self.is_moe:
             return Scores(torch.where(mask, logprobs, 0.0), entropy, logprobs.new_zeros((0, *tokens.shape, 0)),
                           tokens.new_zeros((0, *tokens.shape, 0)), ids.new_zeros((0, *ids.shape, 0)),
                           logprobs.new_zeros(()))

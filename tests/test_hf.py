@@ -1,0 +1,258 @@
+"""HFPolicy on tiny random-init Qwen2-MoE, Qwen3-MoE, OLMoE and Mixtral checkpoints built here, offline.
+
+Each family is saved with `make_tiny_hf_checkpoint` and loaded back through `load_policy("hf:PATH")`, so
+the tests go through the same door as `--model hf:PATH`. References are the model's own forward on each
+row without padding (positions 0.., nothing masked) and its gates' own outputs.
+"""
+import copy
+import csv
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from minirspo.config import RLConfig  # noqa: E402
+from minirspo.loss import router_logprobs_at  # noqa: E402
+from minirspo.module import RLModule  # noqa: E402
+from minirspo.policy import HFPolicy, load_policy, make_tiny_hf_checkpoint  # noqa: E402
+from minirspo.tasks import make_task  # noqa: E402
+from minirspo.train import run  # noqa: E402
+from toy_moe.generate import token_logprobs  # noqa: E402
+from toy_moe.tokenizer import load_tokenizer  # noqa: E402
+
+hf_logging.disable_progress_bar()
+
+# (family, config overrides): both settings of Qwen's norm_topk_prob; Mixtral always renormalises, OLMoE not.
+FAMILIES = {"qwen2_moe": {"norm_topk_prob": True}, "qwen3_moe": {"norm_topk_prob": False}, "olmoe": {},
+            "mixtral": {}}
+# Float32 on CPU: one op order differs between a padded batch and a single row (matmul blocking), which
+# moves log-probs and router logits by a few ulps of values of size ~6; 1e-5 is ~100 ulps there.
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    paths = {family: make_tiny_hf_checkpoint(root / family, family, **overrides)
+             for family, overrides in FAMILIES.items()}
+    paths["dense"] = make_tiny_hf_checkpoint(root / "dense", "qwen3")
+    return paths
+
+
+def batch(policy: HFPolicy, seed: int = 0):
+    """Three prompts of different lengths (left-padded) and random responses of lengths 5, 2, 7 (right-padded)."""
+    prompt_ids, prompt_mask = policy.encode_prompts(["1+2=", "Use 3, 5 and 7 to make 22.", "40+41="])
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 500, (3, 7), generator=generator)                      # ordinary tokens only
+    mask = torch.arange(7)[None, :] < torch.tensor([5, 2, 7])[:, None]                 # (B, N)
+    return prompt_ids, prompt_mask, tokens, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scores_equal_the_models_own_forward_and_routing(checkpoints, family):
+    policy = load_policy(f"hf:{checkpoints[family]}")
+    lm = policy.model.lm
+    prompt_ids, prompt_mask, tokens, mask = batch(policy)
+    with torch.no_grad():
+        scores = policy.score(prompt_ids, prompt_mask, tokens, mask)
+    assert policy.is_moe and scores.router_logits.shape[:3] == (2, 3, 7)
+    own_experts = []
+    hooks = [gate.register_forward_hook(lambda module, args, out: own_experts.append(out[2]))
+             for gate in policy.router.gates]
+    for row in range(3):
+        prompt = prompt_ids[row, prompt_mask[row]]
+        response = tokens[row, mask[row]]
+        own_experts.clear()
+        with torch.no_grad():
+            out = lm(torch.cat([prompt, response])[None], output_router_logits=True)
+        start = len(prompt)
+        # the policy never samples its banned tokens, so it scores under their removal too
+        logprobs = token_logprobs(out.logits[0, start - 1:-1], response, banned_tokens=policy.banned)
+        torch.testing.assert_close(scores.logprobs[row, mask[row]], logprobs, atol=ATOL, rtol=0)
+        for layer in range(2):
+            torch.testing.assert_close(scores.router_logits[layer, row, mask[row]],
+                                       out.router_logits[layer][start:].float(), atol=ATOL, rtol=0)
+            # the same expert sets at every real position, prompt included (order within a set is free)
+            row_routing = scores.routing[layer, row, torch.cat([prompt_mask[row], mask[row]])]
+            assert torch.equal(row_routing.sort(-1).values, own_experts[layer].sort(-1).values)
+    for hook in hooks:
+        hook.remove()
+    padding = ~mask
+    assert (scores.router_logits[:, padding] == 0).all() and (scores.logprobs[padding] == 0).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routing_replay_reproduces_the_unforced_forward_and_forces_experts(checkpoints, family):
+    policy = load_policy(f"hf:{checkpoints[family]}")
+    prompt_ids, prompt_mask, tokens, mask = batch(policy)
+    with torch.no_grad():
+        free = policy.score(prompt_ids, prompt_mask, tokens, mask)
+        replayed = policy.score(prompt_ids, prompt_mask, tokens, mask, routing=free.routing)
+        reordered = policy.score(prompt_ids, prompt_mask, tokens, mask, routing=free.routing.flip(-1))
+        forced_routing = (free.routing + 1) % policy.router.gates[0].weight.shape[0]
+        forced = policy.score(prompt_ids, prompt_mask, tokens, mask, routing=forced_routing)
+    torch.testing.assert_close(replayed.logprobs, free.logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(replayed.router_logits, free.router_logits, atol=1e-6, rtol=0)
+    # a gate follows its expert, not its slot: the same set in another order is the same forward
+    torch.testing.assert_close(reordered.logprobs, free.logprobs, atol=1e-6, rtol=0)
+    assert torch.equal(forced.topk_idx, forced_routing[:, :, prompt_ids.shape[1]:])
+    assert (forced.logprobs - free.logprobs)[mask].abs().max() > 1e-4
+    # layer 0's router sees nothing forced yet; later layers see the forced experts' outputs
+    torch.testing.assert_close(forced.router_logits[0], free.router_logits[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_frozen_router_gets_no_gradient_and_the_same_values(checkpoints, family):
+    policy = load_policy(f"hf:{checkpoints[family]}")
+    prompt_ids, prompt_mask, tokens, mask = batch(policy)
+    grads = {}
+    for freeze in (False, True):
+        policy.model.zero_grad(set_to_none=True)
+        scores = policy.score(prompt_ids, prompt_mask, tokens, mask, freeze_router=freeze)
+        (scores.logprobs.sum() + scores.router_logits.sum() + scores.aux_loss).backward()
+        grads[freeze] = scores, [gate.weight.grad for gate in policy.router.gates]
+        experts = policy.model.lm.get_decoder().layers[0].mlp.experts.down_proj
+        assert experts.grad is not None and experts.grad.abs().max() > 0
+    (free, free_grads), (frozen, frozen_grads) = grads[False], grads[True]
+    torch.testing.assert_close(frozen.logprobs, free.logprobs, atol=1e-6, rtol=0)
+    assert torch.equal(frozen.topk_idx, free.topk_idx)
+    assert all(g is not None and g.abs().max() > 0 for g in free_grads)
+    assert all(g is None for g in frozen_grads)
+
+
+def test_chunked_logprobs_equal_unchunked_in_value_and_gradient(checkpoints):
+    path = checkpoints["qwen3_moe"]
+    chunked, whole = (load_policy(f"hf:{path}", logprob_chunk_tokens=size) for size in (3, 10_000))
+    head_rows = []
+    chunked.model.lm.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_rows.append(args[0].shape[0]))
+    prompt_ids, prompt_mask, tokens, mask = batch(chunked)
+    weights = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for policy in (chunked, whole):
+        scores = policy.score(prompt_ids, prompt_mask, tokens, mask)
+        (scores.logprobs * weights).sum().backward()
+        results.append((scores, {n: p.grad for n, p in policy.model.named_parameters()}))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.entropy, b.entropy, atol=1e-5, rtol=0)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grad, grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+    # 21 response positions in chunks of 3, run once forward and once more in backward (checkpointing)
+    assert max(head_rows) == 3 and len(head_rows) == 2 * math.ceil(tokens.numel() / 3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_records_what_the_training_forward_computes(checkpoints, family):
+    policy = load_policy(f"hf:{checkpoints[family]}")
+    prompt_ids, prompt_mask, _, _ = batch(policy)
+    rollout = policy.generate(prompt_ids, prompt_mask, max_new_tokens=6, temperature=1.0,
+                              generator=torch.Generator().manual_seed(0))
+    again = policy.generate(prompt_ids, prompt_mask, max_new_tokens=6, temperature=1.0,
+                            generator=torch.Generator().manual_seed(0))
+    other = policy.generate(prompt_ids, prompt_mask, max_new_tokens=6, temperature=1.0,
+                            generator=torch.Generator().manual_seed(1))
+    assert torch.equal(rollout.tokens, again.tokens) and not torch.equal(rollout.tokens, other.tokens)
+    assert not torch.isin(rollout.tokens[rollout.mask], torch.tensor(policy.banned)).any()
+    assert rollout.topk_idx.shape == (2, *rollout.tokens.shape, 2)
+    with torch.no_grad():
+        scores = policy.score(prompt_ids, prompt_mask, rollout.tokens, rollout.mask)
+    valid = rollout.mask
+    # KV-cache decoding vs one full forward: the same math in another order (the prototype saw 5e-7)
+    torch.testing.assert_close(rollout.logprobs[valid], scores.logprobs[valid], atol=ATOL, rtol=0)
+    router_logprobs = router_logprobs_at(scores.router_logits, rollout.topk_idx)      # (L, B, N, K)
+    torch.testing.assert_close(rollout.topk_logprobs[:, valid], router_logprobs[:, valid], atol=ATOL, rtol=0)
+    # the same experts wherever the K-th and (K+1)-th router probabilities are not within float noise
+    top = scores.router_logits.softmax(-1).topk(3, dim=-1).values                      # (L, B, N, 3)
+    clear = (top[..., 1] - top[..., 2] > 1e-4) & valid
+    same = (rollout.topk_idx.sort(-1).values == scores.topk_idx.sort(-1).values).all(-1)
+    assert clear.float().mean() > 0.9 and same[clear].all()
+
+
+def test_generation_stops_at_a_stop_token_and_masks_after_it(checkpoints):
+    def length_through_first_stop(tokens, stop_ids):
+        hits = torch.isin(tokens, torch.tensor(stop_ids)).nonzero()
+        return int(hits[0]) + 1 if len(hits) else len(tokens)
+
+    policy = load_policy(f"hf:{checkpoints['olmoe']}")
+    prompt_ids, prompt_mask, _, _ = batch(policy)
+    greedy = policy.generate(prompt_ids, prompt_mask, max_new_tokens=8, temperature=0.0)
+    eos_ids = policy.stop_ids
+    row = int(greedy.mask[:, 2].nonzero()[0])
+    policy.stop_ids = (*eos_ids, int(greedy.tokens[row, 2]))  # a row's third greedy token now stops it
+    stopped = policy.generate(prompt_ids, prompt_mask, max_new_tokens=8, temperature=0.0)
+    assert stopped.mask[row].sum() <= 3
+    for row in range(3):
+        assert greedy.mask[row].sum() == length_through_first_stop(greedy.tokens[row], eos_ids)
+        length = length_through_first_stop(greedy.tokens[row], policy.stop_ids)
+        assert stopped.mask[row].sum() == length and stopped.mask[row, :length].all()
+        assert torch.equal(stopped.tokens[row, :length], greedy.tokens[row, :length])
+        assert (stopped.logprobs[row, length:] == 0).all() and (stopped.topk_logprobs[:, row, length:] == 0).all()
+
+
+def test_prompts_encode_like_the_toy_tokenizer(checkpoints):
+    policy = load_policy(f"hf:{checkpoints['mixtral']}")
+    toy = load_tokenizer()
+    problems = make_task("countdown").sample(8, seed=0, split="train") + make_task("arithmetic").sample(8, seed=0)
+    ids, mask = policy.encode_prompts([p.prompt for p in problems])
+    for row, problem in zip(range(len(problems)), problems):
+        assert ids[row, mask[row]].tolist() == toy.encode_prompt(problem.prompt)
+    answers = [toy.encode_example(p.prompt, p.answer)[1] for p in problems[:3]]
+    width = max(map(len, answers))
+    tokens = torch.tensor([a + [toy.pad_id] * (width - len(a)) for a in answers])
+    assert policy.decode_responses(tokens, tokens != toy.pad_id) == [p.answer for p in problems[:3]]
+
+
+def test_a_deep_copy_hooks_its_own_gates(checkpoints):
+    """The KL reference is `copy.deepcopy(policy)`: its gate hooks must record into the copy."""
+    policy = load_policy(f"hf:{checkpoints['qwen2_moe']}")
+    reference = copy.deepcopy(policy)
+    prompt_ids, prompt_mask, tokens, mask = batch(policy)
+    with torch.no_grad():
+        reference.router.gates[1].weight.mul_(3.0)
+        ours, theirs = (p.score(prompt_ids, prompt_mask, tokens, mask) for p in (policy, reference))
+    torch.testing.assert_close(ours.router_logits[0], theirs.router_logits[0], atol=1e-6, rtol=0)
+    assert (ours.router_logits[1] - theirs.router_logits[1])[mask].abs().max() > 1e-3
+
+
+def test_dense_model_is_refused_by_rspo(checkpoints):
+    policy = load_policy(f"hf:{checkpoints['dense']}")
+    assert not policy.is_moe
+    prompt_ids, prompt_mask, tokens, mask = batch(policy)
+    with torch.no_grad():
+        scores = policy.score(prompt_ids, prompt_mask, tokens, mask)
+    assert scores.router_logits.shape == (0, 3, 7, 0) and scores.logprobs[mask].lt(0).all()
+    with pytest.raises(ValueError, match="rspo.*router logits|router logits.*rspo"):
+        RLModule(policy, RLConfig(loss="rspo", model=f"hf:{checkpoints['dense']}"))
+
+
+def test_load_policy_errors(tmp_path, checkpoints):
+    with pytest.raises(ValueError, match="'toy:PATH' or 'hf:PATH'"):
+        load_policy("llama:/models/x")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_policy(f"hf:{tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="vllm"):
+        load_policy(f"hf:{checkpoints['olmoe']}", rollout_engine="vllm")
+    with pytest.raises(ValueError, match="rollout_engine"):
+        load_policy(f"hf:{checkpoints['olmoe']}", rollout_engine="sglang")
+    jittery = make_tiny_hf_checkpoint(tmp_path / "jitter", "mixtral", router_jitter_noise=0.1)
+    with pytest.raises(ValueError, match="router_jitter_noise"):
+        load_policy(f"hf:{jittery}")
+
+
+@pytest.mark.parametrize("family,flags", [("qwen3_moe", dict(loss="rspo", kl_coef=0.01)),
+                                          ("mixtral", dict(loss="gmpo", routing_replay=True, freeze_router=True))])
+def test_rl_steps_run_end_to_end(checkpoints, tmp_path, capsys, family, flags):
+    config = RLConfig(model=f"hf:{checkpoints[family]}", out=str(tmp_path / "run"), max_steps=2, n_prompts=2,
+                      group_size=2, minibatch_size=2, max_new_tokens=4, eval_size=2, eval_every=1,
+                      logprob_chunk_tokens=5, **flags)
+    with open(run(config)) as file:
+        rows = list(csv.DictReader(file))
+    assert "router load-balance loss is off during RL" in capsys.readouterr().out
+    assert [int(r["step"]) for r in rows] == [0, 1]
+    for row in rows:
+        assert math.isfinite(float(row["loss"])) and 0 < float(row["gamma_mean"]) <= 1
+        assert 0 <= float(row["accuracy"]) <= 1 and float(row["aux_loss"]) > 0
