@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 pytest.importorskip("transformers")
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -145,6 +146,25 @@ def test_chunked_logprobs_equal_unchunked_in_value_and_gradient(checkpoints):
     assert max(head_rows) == 3 and len(head_rows) == 2 * math.ceil(tokens.numel() / 3)
 
 
+def test_activation_checkpointing_recomputes_the_replayed_routing(checkpoints):
+    """Checkpointed layers re-run their gates in backward: the hooks must force the same experts again."""
+    path = checkpoints["olmoe"]
+    plain, checkpointed = load_policy(f"hf:{path}"), load_policy(f"hf:{path}")
+    layer_type = type(checkpointed.decoder_layers[0])
+    apply_activation_checkpointing(checkpointed.model, check_fn=lambda module: isinstance(module, layer_type))
+    assert all(type(layer) is not layer_type for layer in checkpointed.decoder_layers)
+    prompt_ids, prompt_mask, tokens, mask = batch(plain)
+    with torch.no_grad():
+        routing = (plain.score(prompt_ids, prompt_mask, tokens, mask).routing + 1) % 4  # not the router's own
+    grads = []
+    for policy in (plain, checkpointed):
+        scores = policy.score(prompt_ids, prompt_mask, tokens, mask, routing=routing, freeze_router=True)
+        scores.logprobs.sum().backward()
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in policy.model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_records_what_the_training_forward_computes(checkpoints, family):
     policy = load_policy(f"hf:{checkpoints[family]}")
@@ -244,7 +264,8 @@ def test_load_policy_errors(tmp_path, checkpoints):
 
 
 @pytest.mark.parametrize("family,flags", [("qwen3_moe", dict(loss="rspo", kl_coef=0.01)),
-                                          ("mixtral", dict(loss="gmpo", routing_replay=True, freeze_router=True))])
+                                          ("mixtral", dict(loss="gmpo", routing_replay=True, freeze_router=True,
+                                                           activation_checkpointing=True))])
 def test_rl_steps_run_end_to_end(checkpoints, tmp_path, capsys, family, flags):
     config = RLConfig(model=f"hf:{checkpoints[family]}", out=str(tmp_path / "run"), max_steps=2, n_prompts=2,
                       group_size=2, minibatch_size=2, max_new_tokens=4, eval_size=2, eval_every=1,
