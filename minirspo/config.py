@@ -6,6 +6,7 @@ MoE: ~1 s per RL step of 32 prompts × 8 responses) and cite where each value co
 import argparse
 from dataclasses import dataclass, field
 
+from minirspo.tasks import Task, make_task
 from toy_moe.cli import add_config_flags, config_from_flags
 from toy_moe.pretrain import PretrainConfig
 
@@ -18,6 +19,7 @@ ROLLOUT_ENGINES = ("hf", "vllm")                # minirspo.policy.check_rollout_
 class RLConfig:
     # --- what to train ---
     task: str = "arithmetic"          # "arithmetic" (a+b=, learns in minutes on a CPU) or "countdown" (the paper's)
+    task_options: str = ""            # the task's knobs, e.g. "max_operand=9" or "n_numbers=4,ops=+-*/"
     model: str = ""                   # "" = toy MoE warm-started here; "toy:PATH" = a toy_moe checkpoint;
                                       # "hf:PATH" = a local Hugging Face MoE (Qwen2/3-MoE, OLMoE, Mixtral)
     loss: str = "rspo"                # grpo | gspo | gmpo | rspo (= gmpo + router-shift weighting)
@@ -72,6 +74,12 @@ class RLConfig:
     warmstart_dir: str = "runs/warmstart"
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
+    def build_task(self) -> Task:
+        """The task with its --task-options knobs (fields of the task's dataclass; whole numbers read as int)."""
+        knobs = dict(option.split("=", 1) for option in self.task_options.split(",") if option.strip())
+        return make_task(self.task, **{key.strip(): int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+                                       for key, value in knobs.items()})
+
     @property
     def uses_router_shift(self) -> bool:
         return self.loss == "rspo" or self.router_shift
@@ -81,6 +89,8 @@ class RLConfig:
         return self.ppo_epochs * (self.n_prompts * self.group_size // self.minibatch_size)
 
     def __post_init__(self):
+        if any("=" not in option for option in self.task_options.split(",") if option.strip()):
+            raise ValueError(f"task_options must look like 'key=value,key=value', got {self.task_options!r}")
         if self.loss not in LOSS_NAMES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {list(LOSS_NAMES)}")
         if self.group_size < 2:

@@ -38,7 +38,7 @@ from minirspo.distributed import clip_grad_norm, parallelize
 from minirspo.loss import (group_advantages, policy_loss, router_logprobs_at, router_shift_metrics,
                            router_shift_ratio, routing_consistency, zero_variance_groups)
 from minirspo.policy import Policy
-from minirspo.tasks import REWARD_CORRECT, make_task, score
+from minirspo.tasks import REWARD_CORRECT, score
 
 
 class Minibatch(NamedTuple):
@@ -57,6 +57,11 @@ class OldPolicy(NamedTuple):
     ref_logprobs: Tensor | None  # (M, N) reference-model log-probs when kl_coef > 0
 
 
+AUTO_GAMMA_MIN_START = 0.8           # --gamma-min auto starts at the fixed default
+AUTO_GAMMA_MIN_RANGE = (0.5, 0.99)   # and stays where a floor still means something
+AUTO_GAMMA_MIN_RATE = 0.1            # EMA rate per off-policy minibatch: ~10 minibatches to settle
+
+
 def step_seed(seed: int, step: int) -> int:
     """The seed of one RL step's prompts and samples: a function of (seed, step) only, so resuming is exact."""
     return seed * 1_000_003 + step
@@ -71,10 +76,13 @@ class RLModule(L.LightningModule):
         self.automatic_optimization = False
         self.policy, self.config = policy, config
         self.model = policy.model.train()  # checkpoints load in eval mode; generation toggles it per call
-        self.task = make_task(config.task)
+        self.task = config.build_task()
         self.eval_problems = self.task.eval_set(config.eval_size)
         self.clip = {name: value for name, value in (("clip_low", config.clip_low),
                                                      ("clip_high", config.clip_high)) if value is not None}
+        # The floor γ_min is state, so that a checkpoint holds it and --gamma-min auto resumes exactly.
+        self.register_buffer("gamma_floor", torch.tensor(AUTO_GAMMA_MIN_START if config.gamma_min == "auto"
+                                                         else float(config.gamma_min)))
         self.reference = None
         if config.kl_coef > 0:  # the KL anchor is the policy as it was when RL started
             self.reference = copy.deepcopy(policy)
@@ -159,7 +167,7 @@ class RLModule(L.LightningModule):
         with torch.no_grad():
             gamma = router_shift_ratio(scores.router_logits, old.topk_idx, old.topk_logprobs, mb.mask)  # (M, N)
         out = policy_loss(cfg.loss, logprobs=scores.logprobs, old_logprobs=old.logprobs,
-                          advantages=mb.advantages, mask=mb.mask, gamma_min=cfg.gamma_min,
+                          advantages=mb.advantages, mask=mb.mask, gamma_min=float(self.gamma_floor),
                           router_shift=gamma if cfg.uses_router_shift else None, **self.clip)
         loss = out.loss + cfg.aux_loss_coef * scores.aux_loss
         metrics = {"loss": out.loss.detach(), "aux_loss": scores.aux_loss.detach()}
@@ -177,7 +185,10 @@ class RLModule(L.LightningModule):
 
         weight = mb.mask.float()
         metrics |= {name: value for name, value in out.metrics.items() if not name.startswith("gamma")}
-        metrics |= router_shift_metrics(gamma, mb.mask, cfg.gamma_min)
+        metrics |= router_shift_metrics(gamma, mb.mask, float(self.gamma_floor))
+        metrics["gamma_floor"] = self.gamma_floor.clone()
+        if cfg.gamma_min == "auto":
+            self.adapt_gamma_floor(gamma, mb.mask)
         metrics |= {"clip_frac": out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"],
                     "entropy": (scores.entropy * weight).sum() / weight.sum().clamp(min=1),
                     "routing_consistency": routing_consistency(scores.router_logits.detach(), old.topk_idx,
@@ -185,6 +196,19 @@ class RLModule(L.LightningModule):
                     "grad_norm": grad_norm.detach().float(),
                     "lr": torch.tensor(optimizer.param_groups[0]["lr"])}
         return metrics
+
+    @torch.no_grad()
+    def adapt_gamma_floor(self, gamma: Tensor, mask: Tensor) -> None:
+        """--gamma-min auto (beyond the paper, its stated future work): move γ_min a step toward the γ
+        quantile below which `gamma_floor_share` of this minibatch's tokens fall, so the share of floored
+        tokens holds near that target as router shift grows or fades. A minibatch whose router did not move
+        (the on-policy first one) carries no information and is skipped."""
+        valid = gamma[mask].float()                                                   # (n_valid,)
+        if valid.numel() == 0 or bool((valid == 1.0).all()):
+            return
+        target = torch.quantile(valid, self.config.gamma_floor_share)
+        target = self.trainer.strategy.reduce(target, reduce_op="mean")  # one floor on every rank
+        self.gamma_floor.lerp_(target.clamp(*AUTO_GAMMA_MIN_RANGE), AUTO_GAMMA_MIN_RATE)
 
     @torch.no_grad()
     def evaluate(self) -> Tensor:

@@ -12,7 +12,6 @@ from pathlib import Path
 from rich.console import Console
 
 from minirspo.config import RLConfig
-from minirspo.tasks import make_task
 from toy_moe.pretrain import pretrain
 
 WARM_START_EXAMPLES = 20_000  # (prompt, answer) pairs drawn from the task's train split
@@ -20,11 +19,12 @@ WARM_START_EXAMPLES = 20_000  # (prompt, answer) pairs drawn from the task's tra
 
 def warm_start(config: RLConfig) -> Path:
     """Path of the cached warm-start checkpoint for `config`, pretraining it first if it is missing."""
-    settings = json.dumps({"task": config.task, **dataclasses.asdict(config.pretrain)}, sort_keys=True)
+    settings = json.dumps({"task": config.task, "task_options": config.task_options,
+                           **dataclasses.asdict(config.pretrain)}, sort_keys=True)
     out_dir = Path(config.warmstart_dir) / f"{config.task}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
     if not (out_dir / "model.pt").is_file():
         Console().print(f"[bold]warm start:[/] no checkpoint in {out_dir}, pretraining the toy MoE on "
                         f"{config.task} first")
-        problems = make_task(config.task).sample(WARM_START_EXAMPLES, seed=config.seed, split="train")
+        problems = config.build_task().sample(WARM_START_EXAMPLES, seed=config.seed, split="train")
         pretrain([(p.prompt, p.answer) for p in problems], config.pretrain, out_dir)
     return out_dir / "model.pt"
