@@ -11,6 +11,14 @@ router logits at the response tokens, plus the top-K routing of every position f
 Alignment, shared by every implementation: the log-prob of response token n comes from the logits at
 position P + n − 1 (the position that predicts it); its routing ("the experts activated for token n",
 RSPO.md) is the router's choice at position P + n, where the token itself is processed.
+
+Two implementations: `ToyPolicy` (toy_moe) and `HFPolicy`, a Hugging Face causal LM loaded from a local
+directory, MoE or dense. On the MoE families (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral; transformers >= 5,
+whose routers are `*TopKRouter` modules returning router logits, gates and experts), `RouterHooks` sits
+on every gate: it records what the gate chose and, for routing replay or router freezing, recomputes the
+gate as the family does (softmax over all E in float32, top-K, the K gates renormalised when the family
+does: always for Mixtral, per `norm_topk_prob` for the others) from forced experts or a detached weight.
+Log-probs are computed C tokens at a time (`ChunkedLogprobLM`), never as full float32 (B, S, V) logits.
 """
 import contextlib
 import functools
@@ -186,7 +194,7 @@ class RouterHooks:
     def on_gate(self, layer: int, gate: nn.Module, args: tuple, output: tuple[Tensor, Tensor, Tensor]):
         router_logits, gates, experts = output
         if self.replay is not None or self.freeze:
-            hidden = args[0].reshape(-1, gate.weight.shape[1])                           # (N, D)
+            hidden = rearrange(args[0], "... d -> (...) d")                                # (N, D)
             weight = gate.weight.detach() if self.freeze else gate.weight
             router_logits = F.linear(hidden, weight)                                       # (N, E)
             probs = router_logits.float().softmax(dim=-1)                                  # (N, E)
@@ -210,8 +218,8 @@ class ChunkedLogprobLM(nn.Module):
     """An HF causal LM whose forward returns log-probs of given response tokens instead of logits.
 
     The LM head runs on C response tokens at a time under activation checkpointing, so neither forward
-    nor backward ever holds more than one (C, V) float32 block of logits (a 32k vocabulary × 64 sequences
-    × 1k response tokens would be 8 GB in float32). This module is what FSDP wraps as its root, and
+    nor backward ever holds float32 logits of more than C tokens (those of a 32k vocabulary × 64 sequences
+    × 1k response tokens would be 8 GB). This module is what FSDP wraps as its root, and
     `forward` (scoring) and `sample` (generation) are its entry points, so the root's own parameters
     (embeddings, final norm, head) are gathered around both.
     """
