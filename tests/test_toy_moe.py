@@ -19,7 +19,8 @@ ATOL = 1e-5
 
 
 def tiny_config(**overrides) -> ToyMoEConfig:
-    fields = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_experts=4, top_k=2, expert_hidden=24, max_seq_len=64)
+    fields = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_experts=4, top_k=2, expert_hidden=24,
+                  max_seq_len=64)
     return ToyMoEConfig(**(fields | overrides))
 
 
@@ -42,7 +43,8 @@ def reference_moe(layer: MoELayer, x: torch.Tensor, forced: torch.Tensor | None)
     outputs = []
     for n in range(x.shape[0]):
         probs = torch.softmax(x[n].float() @ layer.router.weight.float().T, dim=0)
-        chosen = forced[n].tolist() if forced is not None else sorted(range(layer.n_experts), key=lambda e: -probs[e].item())[: layer.top_k]
+        by_prob = sorted(range(layer.n_experts), key=lambda e: -probs[e].item())
+        chosen = forced[n].tolist() if forced is not None else by_prob[: layer.top_k]
         total = sum(probs[e] for e in chosen)
         y = torch.zeros_like(x[n])
         for e in chosen:
@@ -102,7 +104,12 @@ def test_one_expert_top1_is_exactly_a_dense_swiglu():
 
 
 @settings(deadline=None, max_examples=10)
-@given(left_pads=st.lists(st.integers(0, 4), min_size=3, max_size=3), right_pads=st.lists(st.integers(0, 3), min_size=3, max_size=3), prefill=st.integers(1, 6), seed=st.integers(0, 2**16))
+@given(
+    left_pads=st.lists(st.integers(0, 4), min_size=3, max_size=3),
+    right_pads=st.lists(st.integers(0, 3), min_size=3, max_size=3),
+    prefill=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_kv_cache_one_token_per_step_matches_full_forward(left_pads, right_pads, prefill, seed):
     model = tiny_model(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -116,7 +123,8 @@ def test_kv_cache_one_token_per_step_matches_full_forward(left_pads, right_pads,
         chunks += [model(ids[:, t : t + 1], mask[:, t : t + 1], kv_cache=cache) for t in range(prefill, length)]
     # Every position is compared, pads included: a pad query sees the same keys in both paths.
     torch.testing.assert_close(torch.cat([c.logits for c in chunks], dim=1), full.logits, atol=ATOL, rtol=0)
-    torch.testing.assert_close(torch.cat([c.router_logits for c in chunks], dim=2), full.router_logits, atol=ATOL, rtol=0)
+    router_logits = torch.cat([c.router_logits for c in chunks], dim=2)
+    torch.testing.assert_close(router_logits, full.router_logits, atol=ATOL, rtol=0)
     assert torch.equal(torch.cat([c.topk_idx for c in chunks], dim=2), full.topk_idx)
 
 
@@ -126,7 +134,8 @@ def rollout_against_full_forward(model, prompt_ids, prompt_mask, rollout, temper
     with torch.no_grad():
         full = model(torch.cat([prompt_ids, rollout.tokens], dim=1), torch.cat([prompt_mask, rollout.mask], dim=1))
     n = rollout.tokens.shape[1]
-    scored = token_logprobs(full.logits[:, prompt_len - 1 : -1], rollout.tokens, temperature=temperature, banned_tokens=banned)
+    predicting = full.logits[:, prompt_len - 1 : -1]  # the logits just before each generated token
+    scored = token_logprobs(predicting, rollout.tokens, temperature=temperature, banned_tokens=banned)
     torch.testing.assert_close(rollout.logprobs, torch.where(rollout.mask, scored, 0.0), atol=ATOL, rtol=0)
     valid = rollout.mask[None, :, :, None]
     full_experts = full.topk_idx[:, :, prompt_len:]
@@ -138,7 +147,12 @@ def rollout_against_full_forward(model, prompt_ids, prompt_mask, rollout, temper
 
 
 @settings(deadline=None, max_examples=8)
-@given(left_pads=st.lists(st.integers(0, 5), min_size=4, max_size=4), top_p=st.sampled_from([1.0, 0.8]), temperature=st.sampled_from([1.0, 0.7]), seed=st.integers(0, 2**16))
+@given(
+    left_pads=st.lists(st.integers(0, 5), min_size=4, max_size=4),
+    top_p=st.sampled_from([1.0, 0.8]),
+    temperature=st.sampled_from([1.0, 0.7]),
+    seed=st.integers(0, 2**16),
+)
 def test_generate_with_cache_matches_full_forward_on_left_padded_prompts(left_pads, top_p, temperature, seed):
     model = tiny_model(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -169,7 +183,8 @@ def test_cache_and_no_cache_generation_agree_and_seeded_sampling_repeats():
     prompt_ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
     prompt_mask = prompt_ids != 0
     runs = [
-        generate(model, prompt_ids, prompt_mask, max_new_tokens=12, banned_tokens=(0,), generator=torch.Generator().manual_seed(7), use_cache=use_cache)
+        generate(model, prompt_ids, prompt_mask, max_new_tokens=12, banned_tokens=(0,),
+                 generator=torch.Generator().manual_seed(7), use_cache=use_cache)
         for use_cache in (True, True, False)
     ]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
@@ -182,7 +197,8 @@ def test_rows_stop_at_their_stop_token_and_generation_ends_when_all_stopped():
     model = tiny_model(3)
     prompt_ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
     stops = tuple(range(2, 30))  # nearly every token stops, so rows end within a few steps
-    rollout = generate(model, prompt_ids, prompt_ids != 0, max_new_tokens=40, stop_tokens=stops, banned_tokens=(0,), pad_id=0, generator=torch.Generator().manual_seed(0))
+    rollout = generate(model, prompt_ids, prompt_ids != 0, max_new_tokens=40, stop_tokens=stops, banned_tokens=(0,),
+                       pad_id=0, generator=torch.Generator().manual_seed(0))
     assert rollout.tokens.shape[1] < 40
     for row in range(2):
         is_stop = torch.isin(rollout.tokens[row], torch.tensor(stops)) & rollout.mask[row]
@@ -198,10 +214,12 @@ def test_banned_tokens_are_never_sampled_and_tiny_top_p_is_greedy():
     prompt_ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     allowed = (29, 30, 31)
     banned = tuple(t for t in range(32) if t not in allowed)
-    sampled = generate(model, prompt_ids, prompt_ids != 0, max_new_tokens=20, banned_tokens=banned, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    sampled = generate(model, prompt_ids, prompt_ids != 0, max_new_tokens=20, banned_tokens=banned, temperature=2.0,
+                       generator=torch.Generator().manual_seed(0))
     assert torch.isin(sampled.tokens, torch.tensor(allowed)).all()
     assert torch.isfinite(sampled.logprobs).all()
-    nucleus = generate(model, prompt_ids, prompt_ids != 0, max_new_tokens=20, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    nucleus = generate(model, prompt_ids, prompt_ids != 0, max_new_tokens=20, top_p=1e-6,
+                       generator=torch.Generator().manual_seed(0))
     greedy = generate(model, prompt_ids, prompt_ids != 0, max_new_tokens=20, temperature=0.0)
     assert torch.equal(nucleus.tokens, greedy.tokens)
 
@@ -209,7 +227,8 @@ def test_banned_tokens_are_never_sampled_and_tiny_top_p_is_greedy():
 def test_token_logprobs_is_the_temperature_scaled_banned_masked_log_softmax():
     logits = torch.randn(2, 5, 9)
     tokens = torch.randint(0, 9, (2, 5))
-    expected = torch.log_softmax(logits.index_fill(-1, torch.tensor([3]), float("-inf")) / 0.5, -1).gather(-1, tokens[..., None])[..., 0]
+    log_probs = torch.log_softmax(logits.index_fill(-1, torch.tensor([3]), float("-inf")) / 0.5, -1)
+    expected = log_probs.gather(-1, tokens[..., None])[..., 0]
     torch.testing.assert_close(token_logprobs(logits, tokens, temperature=0.5, banned_tokens=(3,)), expected)
     assert token_logprobs(logits, torch.full((2, 5), 3), banned_tokens=(3,)).eq(float("-inf")).all()
     with pytest.raises(ValueError, match="temperature"):

@@ -40,14 +40,16 @@ def _masked_scores(logits: Tensor, temperature: float, banned_tokens: Sequence[i
     return scores
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0, banned_tokens: Sequence[int] = ()) -> Tensor:
+def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
+                   banned_tokens: Sequence[int] = ()) -> Tensor:
     """log-prob of `tokens` under log_softmax(logits / temperature) with banned tokens set to −inf.
 
     The one definition shared by sampling and by the RL loop's scoring forward: logits (..., V), tokens (...)
     int64, result (...) float32. A banned token scores −inf, so mask with torch.where, never by multiplying.
     """
     if tokens.shape != logits.shape[:-1]:
-        raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal logits shape without V {tuple(logits.shape[:-1])}")
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal the logits shape without V, "
+                         f"{tuple(logits.shape[:-1])}")
     log_probs = _masked_scores(logits, temperature, banned_tokens).log_softmax(dim=-1)  # (..., V)
     return log_probs.gather(-1, tokens[..., None]).squeeze(-1)  # (...)
 
@@ -66,7 +68,10 @@ def _pick_tokens(logits: Tensor, temperature: float, top_p: float, banned_tokens
     return order.gather(-1, choice).squeeze(-1)  # (B,)
 
 
-def _check_generate_args(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, stop_tokens, banned_tokens, pad_id):
+def _check_generate_args(model: ToyMoE, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
+                         temperature: float, top_p: float, stop_tokens: Sequence[int], banned_tokens: Sequence[int],
+                         pad_id: int) -> Tensor:
+    """Raise a ValueError naming the bad argument; return prompt_mask as bool."""
     config = model.config
     if prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long:
         raise ValueError(f"prompt_ids must be a (B, P) int64 tensor, got {tuple(prompt_ids.shape)} {prompt_ids.dtype}")
@@ -125,7 +130,10 @@ def generate(
     )  # (B, P)
     batch_size, prompt_len = prompt_ids.shape
     param = next(model.parameters())
-    kv_cache = KVCache(model.config, batch_size, prompt_len + max_new_tokens, device=param.device, dtype=param.dtype) if use_cache else None
+    kv_cache = None
+    if use_cache:
+        slots = prompt_len + max_new_tokens
+        kv_cache = KVCache(model.config, batch_size, slots, device=param.device, dtype=param.dtype)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=prompt_ids.device)
     score_temperature = temperature if temperature > 0 else 1.0
 
@@ -135,13 +143,15 @@ def generate(
     steps: list[tuple[Tensor, ...]] = []
     for _ in range(max_new_tokens):
         next_logits = out.logits[:, -1]  # (B, V)
-        token = torch.where(alive, _pick_tokens(next_logits, temperature, top_p, banned_tokens, generator), pad_id)  # (B,)
+        token = _pick_tokens(next_logits, temperature, top_p, banned_tokens, generator)  # (B,)
+        token = torch.where(alive, token, pad_id)  # (B,)
         logprob = token_logprobs(next_logits, token, temperature=score_temperature, banned_tokens=banned_tokens)  # (B,)
         # Feed the token back: this both routes the token itself and gives the next step's logits.
         if use_cache:
             out = model(token[:, None], alive[:, None], kv_cache=kv_cache)
         else:
-            ids, mask = torch.cat([ids, token[:, None]], dim=1), torch.cat([mask, alive[:, None]], dim=1)  # (B, P + n + 1)
+            ids = torch.cat([ids, token[:, None]], dim=1)  # (B, P + n + 1)
+            mask = torch.cat([mask, alive[:, None]], dim=1)  # (B, P + n + 1)
             out = model(ids, mask)
         token_experts = out.topk_idx[:, :, -1]  # (L, B, K)
         router_logprobs = out.router_logits[:, :, -1].log_softmax(dim=-1).gather(-1, token_experts)  # (L, B, K)

@@ -54,11 +54,13 @@ class ToyMoEConfig:
     rope_theta: float = 10000.0  # RoFormer (Su et al. 2021)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_experts", "top_k", "expert_hidden", "max_seq_len"):
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_experts", "top_k", "expert_hidden", "max_seq_len")
+        for name in sizes:
             if getattr(self, name) < 1:
                 raise ValueError(f"ToyMoEConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"ToyMoEConfig.d_model={self.d_model} must split into n_heads={self.n_heads} even-sized heads (RoPE rotates pairs)")
+            raise ValueError(f"ToyMoEConfig.d_model={self.d_model} must split into n_heads={self.n_heads} "
+                             "heads of even size (RoPE rotates pairs)")
         if self.top_k > self.n_experts:
             raise ValueError(f"ToyMoEConfig.top_k={self.top_k} exceeds n_experts={self.n_experts}")
         if not 0.0 <= self.dropout < 1.0:
@@ -67,8 +69,10 @@ class ToyMoEConfig:
             self.moe_layers = tuple(self.moe_layers)
             if not self.moe_layers:
                 raise ValueError("ToyMoEConfig.moe_layers is empty: a ToyMoE needs at least one MoE layer (None = all)")
-            if len(set(self.moe_layers)) != len(self.moe_layers) or not all(0 <= i < self.n_layers for i in self.moe_layers):
-                raise ValueError(f"ToyMoEConfig.moe_layers={self.moe_layers} must be distinct layer indices in [0, {self.n_layers})")
+            in_range = all(0 <= i < self.n_layers for i in self.moe_layers)
+            if len(set(self.moe_layers)) != len(self.moe_layers) or not in_range:
+                raise ValueError(f"ToyMoEConfig.moe_layers={self.moe_layers} must be distinct layer indices "
+                                 f"in [0, {self.n_layers})")
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
@@ -136,9 +140,9 @@ def swiglu(x: Tensor, gate_up_weight: Tensor, down_weight: Tensor) -> Tensor:
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE on (B, H, T, Dh), rotating the pairs (i, i + Dh/2) as GPT-NeoX / Llama do."""
-    first, second = x.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)  # (B, H, T, Dh)
+    """RoPE on (..., B, H, T, Dh), rotating the pairs (i, i + Dh/2) as GPT-NeoX / Llama do."""
+    first, second = x.chunk(2, dim=-1)  # (..., B, H, T, Dh/2) each
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)  # (..., B, H, T, Dh)
 
 
 def causal_mask(key_mask: Tensor, start: int, n_queries: int) -> Tensor:
@@ -157,9 +161,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None, start: int) -> Tensor:
-        q, k, v = rearrange(self.qkv(x), "b t (three h dh) -> three b h t dh", three=3, h=self.n_heads)  # (B, H, T, Dh) each
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None,
+                start: int) -> Tensor:
+        qkv = rearrange(self.qkv(x), "b t (three h dh) -> three b h t dh", three=3, h=self.n_heads)  # (3, B, H, T, Dh)
+        (q, k), v = rotate(qkv[:2], cos, sin), qkv[2]  # (B, H, T, Dh) each
         if kv_cache is not None:
             k, v = kv_cache.store(self.layer, start, k, v)  # (B, H, S, Dh) each
         y = F.scaled_dot_product_attention(
@@ -212,11 +217,11 @@ class MoELayer(nn.Module):
         pair_order = torch.argsort(expert_of_pair, stable=True)  # (M,) pairs grouped by expert
         token_of_pair = pair_order // self.top_k  # (M,) token index of each sorted pair
         pairs_per_expert = torch.bincount(expert_of_pair, minlength=self.n_experts).tolist()
-        x_sorted = x[token_of_pair]  # (M, D)
+        x_sorted = x.index_select(0, token_of_pair)  # (M, D)
+        # unbind once: indexing the stacked weights per expert would make backward build E full-size zero grads
+        experts = zip(x_sorted.split(pairs_per_expert), self.gate_up.unbind(0), self.down.unbind(0))
         y_sorted = torch.cat([
-            swiglu(x_block, self.gate_up[expert], self.down[expert])  # (pairs of this expert, D)
-            for expert, x_block in enumerate(x_sorted.split(pairs_per_expert))
-            if len(x_block)
+            swiglu(x_block, gate_up, down) for x_block, gate_up, down in experts if len(x_block)
         ])  # (M, D)
         gate_sorted = rearrange(gates, "n k -> (n k)")[pair_order].to(y_sorted.dtype)  # (M,)
         return torch.zeros_like(x).index_add_(0, token_of_pair, y_sorted * gate_sorted[:, None])  # (N, D)
@@ -224,7 +229,9 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor, forced_idx: Tensor | None, freeze_router: bool) -> tuple[Tensor, Tensor, Tensor]:
         router_logits, topk_idx, gates = self.route(x, forced_idx, freeze_router)
         y = self.experts(
-            rearrange(x, "b t d -> (b t) d"), rearrange(topk_idx, "b t k -> (b t) k"), rearrange(gates, "b t k -> (b t) k")
+            rearrange(x, "b t d -> (b t) d"),
+            rearrange(topk_idx, "b t k -> (b t) k"),
+            rearrange(gates, "b t k -> (b t) k"),
         )  # (N, D)
         return rearrange(y, "(b t) d -> b t d", b=x.shape[0]), router_logits, topk_idx
 
@@ -239,7 +246,9 @@ class Block(nn.Module):
         self.mlp = MoELayer(config) if self.is_moe else DenseMLP(config.d_model, config.expert_hidden * config.top_k)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask, kv_cache, start, forced_idx, freeze_router) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None, start: int,
+                forced_idx: Tensor | None, freeze_router: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """-> (x (B, T, D), and for a MoE layer its router logits (B, T, E) and experts (B, T, K))."""
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, start))  # (B, T, D)
         if not self.is_moe:
             return x + self.drop(self.mlp(self.mlp_norm(x))), None, None
@@ -348,13 +357,15 @@ class ToyMoE(nn.Module):
 
     def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.dtype != torch.long:
-            raise ValueError(f"input_ids must be a non-empty (B, T) int64 tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+            raise ValueError(f"input_ids must be a non-empty (B, T) int64 tensor, "
+                             f"got {tuple(input_ids.shape)} {input_ids.dtype}")
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
         if attention_mask is None:
             return torch.ones_like(input_ids, dtype=torch.bool)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} "
+                             f"!= input_ids shape {tuple(input_ids.shape)}")
         if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must be bool or hold only 0 and 1")
         return attention_mask.bool()
