@@ -5,11 +5,16 @@
 # strategy, sampled tokens/s over whole RL steps (generate + score + 4 updates; steps with a greedy
 # evaluation excluded), peak GPU memory, and the last step's loss, γ and gradient norm.
 #
-#   bash benchmarks/gpu_check.sh              # on the GPU machine, from the repository root
+#   bash benchmarks/gpu_check.sh              # on the GPU machine
 #   bash benchmarks/gpu_check.sh --cpu        # dry run of the same code path: tiny model, fsdp2 on CPU/gloo
+# Python: $PYTHON, else .venv/bin/python, else python3 (an image with torch, lightning, transformers >= 5,
+# einops, tiktoken, rich, matplotlib); the repository need not be installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-runs/gpu_check}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [[ "${1:-}" == "--cpu" ]]; then

@@ -263,8 +263,10 @@ class ChunkedLogprobLM(nn.Module):
                                generation_config=generation_config, logits_processor=logits_processor)
         tokens = out.sequences[:, prompt_ids.shape[1]:]                                    # (B, N)
         mask = torch.cat([prompt_mask.long(), torch.ones_like(tokens)], dim=1)            # (B, S)
+        # `past_key_values`: the name every transformers 5 release accepts (a later 5.x renamed it `cache`, keeping
+        # this one, with a warning, until 5.40); the GPU image here has 5.17, this checkout 5.24.
         self.lm(input_ids=tokens[:, -1:], attention_mask=mask, position_ids=mask.cumsum(dim=1)[:, -1:] - 1,
-                cache=out.cache, use_cache=True, logits_to_keep=1)
+                past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         return tokens
 
 

@@ -89,7 +89,8 @@ def read_results(out: Path) -> tuple[dict, dict]:
 
 
 def run_in_subprocess(checkpoint: Path, out: Path, strategy: str, devices: int) -> tuple[dict, dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, __file__, str(checkpoint), str(out), strategy, str(devices)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{strategy} × {devices} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
