@@ -2,7 +2,7 @@
 
 Notation: W processes in all (--num-nodes × --devices), B sequences on one rank, L decoder layers.
 
-    --strategy auto   one device (Lightning picks; DDP when --devices > 1)
+    --strategy auto   one device; ddp when --devices or --num-nodes > 1
     --strategy ddp    every rank holds the whole model and optimiser; gradients are all-reduced (averaged)
     --strategy fsdp   Lightning `FSDPStrategy` (FSDP1, GPU only): one FSDP unit per decoder layer, bf16
                       mixed precision with --precision bf16-mixed
@@ -35,11 +35,11 @@ __all__ = ["build_strategy", "clip_grad_norm", "parallelize"]
 
 
 def build_strategy(config: RLConfig, policy: Policy) -> str | Strategy:
-    """The Lightning strategy for `config.strategy` (config.STRATEGIES); "auto" is passed through."""
+    """The Lightning strategy for `config.strategy` (config.STRATEGIES); "auto" on one device is Lightning's."""
     layer_types = {type(layer) for layer in policy.decoder_layers}
-    if config.strategy == "auto":
+    if config.strategy == "auto" and config.num_nodes * config.devices == 1:
         return "auto"
-    if config.strategy == "ddp":
+    if config.strategy in ("auto", "ddp"):
         # A frozen router gets no gradient, and DDP must be told that some parameters may go unused.
         return DDPStrategy(find_unused_parameters=config.freeze_router)
     if config.strategy == "fsdp":
