@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One short check for a lent GPU (under 5 minutes on one H100): RSPO steps of a small random-init HF MoE
 # (Qwen3-MoE layout, ~0.3B parameters: hidden 768, 8 layers, 32 experts top-4, 32k vocabulary) with
-# --strategy fsdp and --strategy fsdp2 on one GPU, bf16-mixed, each in its own process. Prints, per
-# strategy, sampled tokens/s over whole RL steps (generate + score + 4 updates; steps with a greedy
+# --strategy fsdp2 on one GPU, bf16-mixed, in its own process (and --strategy fsdp, to show it is refused with
+# a clear error: see minirspo/distributed.py). Prints, per strategy, sampled tokens/s over whole RL steps (generate + score + 4 updates; steps with a greedy
 # evaluation excluded), peak GPU memory, and the last step's loss, γ and gradient norm.
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine

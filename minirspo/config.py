@@ -63,7 +63,7 @@ class RLConfig:
     precision: str = "32-true"        # "bf16-mixed" on GPUs: bf16 compute, float32 master weights
 
     # --- scale (minirspo.distributed; README "Scaling out") ---
-    strategy: str = "auto"            # auto | ddp | fsdp (FSDP1, GPU only) | fsdp2 (fully_shard; CPU/gloo too)
+    strategy: str = "auto"            # auto | ddp | fsdp2 (fully_shard; GPUs, CPU/gloo); fsdp refuses (distributed)
     num_nodes: int = 1
     activation_checkpointing: bool = False  # recompute each decoder layer in backward: memory for ~1/3 more compute
     rollout_engine: str = "hf"        # hf = the model's own generate with a KV cache; vllm is reserved

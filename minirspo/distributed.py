@@ -4,8 +4,11 @@ Notation: W processes in all (--num-nodes × --devices), B sequences on one rank
 
     --strategy auto   one device; ddp when --devices or --num-nodes > 1
     --strategy ddp    every rank holds the whole model and optimiser; gradients are all-reduced (averaged)
-    --strategy fsdp   Lightning `FSDPStrategy` (FSDP1, GPU only): one FSDP unit per decoder layer, bf16
-                      mixed precision with --precision bf16-mixed
+    --strategy fsdp   refused with a clear error: Lightning's `FSDPStrategy` (FSDP1) wraps the whole
+                      LightningModule as its root, so the several backward passes that one RL step runs
+                      inside `training_step` break its state machine ("Expects BACKWARD_PRE or
+                      BACKWARD_POST state but got HandleTrainingState.FORWARD", seen on an H100; Lightning
+                      issue #19626, FSDPStrategy with manual optimisation). fsdp2 shards the same way.
     --strategy fsdp2  Lightning `ModelParallelStrategy`: `fully_shard` per decoder layer, then the root, in
                       `RLModule.configure_model`; runs on GPUs with NCCL and on CPUs with gloo
 
@@ -15,16 +18,16 @@ group advantages never need another rank; every rank holds the same number of se
 their mean, and DDP and FSDP average gradients over ranks, which is the mean over the global batch; the
 gradient norm that --max-grad-norm clips is the norm of the whole (sharded) gradient (`clip_grad_norm`).
 
-Activation checkpointing (--activation-checkpointing) wraps each decoder layer: with fsdp through
-Lightning's `activation_checkpointing_policy`, otherwise with torch's `checkpoint_wrapper` before sharding.
+Activation checkpointing (--activation-checkpointing) wraps each decoder layer with torch's
+`checkpoint_wrapper`, before sharding.
 Multi-node runs use Lightning's launcher: torchrun or SLURM starts one process per device (README,
 "Scaling out").
 """
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from torch import Tensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
@@ -43,22 +46,20 @@ def build_strategy(config: RLConfig, policy: Policy) -> str | Strategy:
         # A frozen router gets no gradient, and DDP must be told that some parameters may go unused.
         return DDPStrategy(find_unused_parameters=config.freeze_router)
     if config.strategy == "fsdp":
-        if config.accelerator == "cpu" or not torch.cuda.is_available():
-            raise ValueError("--strategy fsdp needs GPUs (Lightning's FSDPStrategy refuses CPU); "
-                             "--strategy fsdp2 also runs on CPU with gloo")
-        return FSDPStrategy(auto_wrap_policy=layer_types,
-                            activation_checkpointing_policy=layer_types if config.activation_checkpointing else None)
+        raise ValueError("--strategy fsdp (FSDP1 through Lightning's FSDPStrategy) cannot run the RL step: it "
+                         "wraps the LightningModule as one root, and the step's several backward passes inside "
+                         "training_step break FSDP1's state machine (Lightning issue #19626). Use --strategy "
+                         "fsdp2: the same per-layer sharding with FSDP2, on GPUs and on CPUs")
     return ModelParallelStrategy(data_parallel_size=config.num_nodes * config.devices, tensor_parallel_size=1)
 
 
 def parallelize(module) -> None:
-    """`RLModule.configure_model`: activation checkpointing (all strategies but fsdp, which does its own) and,
-    under fsdp2, `fully_shard` on every decoder layer and then on the policy model as the root."""
+    """`RLModule.configure_model`: activation checkpointing (any strategy) and, under fsdp2, `fully_shard` on every decoder layer and then on the policy model as the root."""
     policy: Policy = module.policy
     strategy = module.trainer.strategy
     if any(isinstance(m, FSDPModule) for m in policy.model.modules()):
         return  # configure_model runs once per fit; a second fit finds the model already sharded
-    if module.config.activation_checkpointing and not isinstance(strategy, FSDPStrategy):
+    if module.config.activation_checkpointing:
         layer_types = tuple({type(layer) for layer in policy.decoder_layers})
         apply_activation_checkpointing(policy.model, check_fn=lambda m: isinstance(m, layer_types))
     if not isinstance(strategy, ModelParallelStrategy):
@@ -80,11 +81,7 @@ def clip_grad_norm(module, max_norm: float) -> Tensor:
 
     `torch.nn.utils.clip_grad_norm_` alone is right on one device and under DDP (full gradients on every
     rank). Under fsdp2 the gradients are DTensor shards: their norm is reduced over ranks (`full_tensor`)
-    before clipping, as torchtitan does. Under fsdp (FSDP1) each rank holds flat shards that only the root
-    FSDP module can see whole, so it clips."""
-    root = module.trainer.strategy.model
-    if isinstance(root, FullyShardedDataParallel):
-        return root.clip_grad_norm_(max_norm)
+    before clipping, as torchtitan does."""
     params = [p for p in module.policy.model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if isinstance(norm, DTensor):

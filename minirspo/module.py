@@ -52,7 +52,7 @@ class Minibatch(NamedTuple):
 class OldPolicy(NamedTuple):
     logprobs: Tensor       # (M, N) log π_old of each response token
     topk_idx: Tensor       # (L, M, N, K) experts π_old activated at each response token
-    topk_logprobs: Tensor  # (L, M, N, K) π_old's router log-probs at those experts
+    topk_logprobs: Tensor | None  # (L, M, N, K) π_old's router log-probs at those experts (None: dense)
     routing: Tensor        # (L, M, S, K) π_old's experts at every position, for routing replay
     ref_logprobs: Tensor | None  # (M, N) reference-model log-probs when kl_coef > 0
 
@@ -118,7 +118,7 @@ class RLModule(L.LightningModule):
         row["seconds"] = time.perf_counter() - started
         for logger in self.loggers:
             logger.log_metrics(row, step=step)
-        self.log_dict({"reward": row["reward_mean"], "γ": row["gamma_mean"]}, prog_bar=True, logger=False)
+        self.log_dict({"reward": row["reward_mean"], "γ": row.get("gamma_mean", 1.0)}, prog_bar=True, logger=False)
 
     def collect_rollouts(self, step: int) -> tuple[list[Minibatch], dict[str, Tensor]]:
         cfg, policy = self.config, self.policy
@@ -156,16 +156,15 @@ class RLModule(L.LightningModule):
         if self.reference is not None:
             ref_logprobs = self.reference.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
                                                 temperature=self.config.temperature).logprobs
-        return OldPolicy(scores.logprobs, scores.topk_idx,
-                         router_logprobs_at(scores.router_logits, scores.topk_idx), scores.routing, ref_logprobs)
+        topk_logprobs = router_logprobs_at(scores.router_logits, scores.topk_idx) if self.policy.is_moe else None
+        return OldPolicy(scores.logprobs, scores.topk_idx, topk_logprobs, scores.routing, ref_logprobs)
 
     def update(self, mb: Minibatch, old: OldPolicy) -> dict[str, Tensor]:
         cfg = self.config
         scores = self.policy.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
                                    routing=old.routing if cfg.routing_replay else None,
                                    freeze_router=cfg.freeze_router, temperature=cfg.temperature)
-        with torch.no_grad():
-            gamma = router_shift_ratio(scores.router_logits, old.topk_idx, old.topk_logprobs, mb.mask)  # (M, N)
+        gamma, router_metrics = self.router_shift(scores, old, mb.mask)
         out = policy_loss(cfg.loss, logprobs=scores.logprobs, old_logprobs=old.logprobs,
                           advantages=mb.advantages, mask=mb.mask, gamma_min=float(self.gamma_floor),
                           router_shift=gamma if cfg.uses_router_shift else None, **self.clip)
@@ -183,19 +182,26 @@ class RLModule(L.LightningModule):
         optimizer.step()
         self.lr_schedulers().step()
 
-        weight = mb.mask.float()
-        metrics |= {name: value for name, value in out.metrics.items() if not name.startswith("gamma")}
-        metrics |= router_shift_metrics(gamma, mb.mask, float(self.gamma_floor))
-        metrics["gamma_floor"] = self.gamma_floor.clone()
-        if cfg.gamma_min == "auto":
+        if cfg.gamma_min == "auto" and gamma is not None:
             self.adapt_gamma_floor(gamma, mb.mask)
-        metrics |= {"clip_frac": out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"],
-                    "entropy": (scores.entropy * weight).sum() / weight.sum().clamp(min=1),
-                    "routing_consistency": routing_consistency(scores.router_logits.detach(), old.topk_idx,
-                                                               mb.mask),
-                    "grad_norm": grad_norm.detach().float(),
-                    "lr": torch.tensor(optimizer.param_groups[0]["lr"])}
-        return metrics
+        weight = mb.mask.float()
+        # γ statistics come from router_metrics for every loss, RS on or off, so runs compare on one footing
+        return metrics | {name: value for name, value in out.metrics.items() if not name.startswith("gamma")} | {
+            "clip_frac": out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"],
+            "entropy": (scores.entropy * weight).sum() / weight.sum().clamp(min=1),
+            "grad_norm": grad_norm.detach().float(),
+            "lr": torch.tensor(optimizer.param_groups[0]["lr"])} | router_metrics
+
+    @torch.no_grad()
+    def router_shift(self, scores, old: OldPolicy, mask: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """γ (M, N) of this minibatch against the old routing, and the router metrics; (None, {}) for a dense
+        model. γ is measured for every loss, so that runs without RS still log how far their router moved."""
+        if not self.policy.is_moe:
+            return None, {}
+        gamma = router_shift_ratio(scores.router_logits, old.topk_idx, old.topk_logprobs, mask)  # (M, N)
+        return gamma, router_shift_metrics(gamma, mask, float(self.gamma_floor)) | {
+            "gamma_floor": self.gamma_floor.clone(),
+            "routing_consistency": routing_consistency(scores.router_logits, old.topk_idx, mask)}
 
     @torch.no_grad()
     def adapt_gamma_floor(self, gamma: Tensor, mask: Tensor) -> None:

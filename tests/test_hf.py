@@ -277,3 +277,12 @@ def test_rl_steps_run_end_to_end(checkpoints, tmp_path, capsys, family, flags):
     for row in rows:
         assert math.isfinite(float(row["loss"])) and 0 < float(row["gamma_mean"]) <= 1
         assert 0 <= float(row["accuracy"]) <= 1 and float(row["aux_loss"]) > 0
+
+
+def test_a_dense_model_trains_with_a_loss_that_needs_no_router(checkpoints, tmp_path):
+    config = RLConfig(model=f"hf:{checkpoints['dense']}", out=str(tmp_path / "run"), loss="grpo", max_steps=1,
+                      n_prompts=2, group_size=2, minibatch_size=2, max_new_tokens=4, eval_size=2, eval_every=1)
+    with open(run(config)) as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["loss"]))
+    assert "gamma_mean" not in rows[0] and "routing_consistency" not in rows[0]
