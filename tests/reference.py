@@ -224,3 +224,25 @@ def metrics_ref(
         metrics["gamma_min"] = min(gammas)
         metrics["gamma_floored_frac"] = sum(gamma < gamma_min for gamma in gammas) / len(gammas)
     return metrics
+
+
+def routing_consistency_ref(router_logits: Tensor, old_topk_idx: Tensor, mask: Tensor) -> float:
+    """Share of (valid token, layer) pairs whose K highest-logit experts are, as a set, the old ones."""
+    n_layers, batch, n_tokens, n_experts = router_logits.shape
+    top_k = old_topk_idx.shape[-1]
+    same = total = 0
+    for layer in range(n_layers):
+        for i in range(batch):
+            for t in range(n_tokens):
+                if not mask[i][t]:
+                    continue
+                logits = [float(router_logits[layer, i, t, e]) for e in range(n_experts)]
+                ranked = sorted(range(n_experts), key=lambda e: -logits[e])
+                same += set(ranked[:top_k]) == {int(e) for e in old_topk_idx[layer, i, t]}
+                total += 1
+    return same / total if total else 0.0
+
+
+def zero_variance_groups_ref(rewards: list[float], group_size: int) -> int:
+    groups = [rewards[start:start + group_size] for start in range(0, len(rewards), group_size)]
+    return sum(all(r == group[0] for r in group) for group in groups)

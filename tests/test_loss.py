@@ -24,8 +24,11 @@ from minirspo.loss import (
     grpo_loss,
     gspo_loss,
     policy_loss,
+    router_logprobs_at,
     router_shift_ratio,
+    routing_consistency,
     rspo_loss,
+    zero_variance_groups,
 )
 import reference  # tests/reference.py: pytest puts this folder on sys.path
 
@@ -510,3 +513,41 @@ def test_router_shift_ratio_rejects_float_expert_indices():
 def test_router_shift_ratio_rejects_a_mask_that_is_not_boolean():
     with pytest.raises((TypeError, ValueError), match="mask"):
         router_shift_ratio(**{**valid_router_inputs(), "mask": torch.full((4, 3), 0.5)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routing record and routing metrics
+# ---------------------------------------------------------------------------------------------------
+
+@given(router_cases())
+def test_router_logprobs_at_is_the_log_softmax_at_those_experts(router):
+    new_logits, old_topk_idx, _, _ = router
+    got = router_logprobs_at(new_logits, old_topk_idx)
+    want = torch.stack([torch.stack(reference.log_softmax_ref(list(token))) for token in
+                        rearrange(new_logits.double(), "l b t e -> (l b t) e")])  # (L·B·T, E)
+    want = want.gather(-1, rearrange(old_topk_idx, "l b t k -> (l b t) k"))
+    torch.testing.assert_close(rearrange(got.double(), "l b t k -> (l b t) k"), want, rtol=RTOL, atol=1e-5)
+
+
+@given(router_cases(masked=True))
+def test_routing_consistency_matches_reference(router):
+    new_logits, old_topk_idx, _, mask = router
+    got = float(routing_consistency(new_logits, old_topk_idx, mask))
+    # Counts of pairs over at most 3·3·4 = 36: exact in float32 up to the final division.
+    assert got == pytest.approx(reference.routing_consistency_ref(new_logits, old_topk_idx, mask), abs=1e-6)
+
+
+@given(router_cases(masked=True))
+def test_routing_consistency_is_one_for_the_old_router_itself(router):
+    new_logits, old_topk_idx, _, mask = router
+    shuffled = old_topk_idx.flip(-1)  # order within the K experts does not matter, only the set
+    assert float(routing_consistency(new_logits, new_logits.topk(old_topk_idx.shape[-1], dim=-1).indices.flip(-1),
+                                     mask)) == (1.0 if mask.any() else 0.0)
+    assert float(routing_consistency(new_logits, shuffled, mask)) == float(routing_consistency(new_logits, old_topk_idx, mask))
+
+
+@given(rewards_by_group())
+def test_zero_variance_groups_match_reference(rewards_and_group_size):
+    rewards, group_size = rewards_and_group_size
+    assert int(zero_variance_groups(torch.tensor(rewards), group_size)) == \
+        reference.zero_variance_groups_ref(rewards, group_size)
