@@ -9,10 +9,9 @@ import torch.nn.functional as F
 
 from minirspo.tasks import ArithmeticTask
 from toy_moe.model import ToyMoE, ToyMoEConfig
+from toy_moe.cli import add_config_flags, config_from_flags
 from toy_moe.pretrain import (
     PretrainConfig,
-    add_config_flags,
-    config_from_flags,
     load_toy_checkpoint,
     main,
     pretrain,
@@ -100,8 +99,8 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_every_config_field_is_a_flag():
     parser = argparse.ArgumentParser()
     add_config_flags(parser, PretrainConfig)
-    flags = ["--lr", "1e-3", "--model.d_model", "64", "--model.moe_layers", "0,2", "--no-model.norm_topk_prob",
-             "--tokenizer", "none", "--accelerator", "gpu", "--no-progress_bar"]
+    flags = ["--lr", "1e-3", "--model.d-model", "64", "--model.moe-layers", "0,2", "--no-model.norm-topk-prob",
+             "--tokenizer", "none", "--accelerator", "gpu", "--no-progress-bar"]
     config = config_from_flags(PretrainConfig, vars(parser.parse_args(flags)))
     expected_model = ToyMoEConfig(d_model=64, moe_layers=(0, 2), norm_topk_prob=False)
     assert config == PretrainConfig(model=expected_model, lr=1e-3, accelerator="gpu", progress_bar=False)

@@ -16,11 +16,11 @@ Examples:
     # 20k arithmetic examples from the RL tasks, then the default run (1-2 minutes on 2 CPU cores)
     mkdir -p runs && python -c "from minirspo.tasks import ArithmeticTask
     for p in ArithmeticTask().sample(20000, seed=0): print(p.prompt, p.answer, sep='\\t')" > runs/arith.tsv
-    python -m toy_moe.pretrain --data runs/arith.tsv --out_dir runs/warm_arith
+    python -m toy_moe.pretrain --data runs/arith.tsv --out-dir runs/warm_arith
     # longer, then continue the same run further
-    python -m toy_moe.pretrain --data runs/arith.tsv --out_dir runs/warm_arith --max_steps 1500 --resume
+    python -m toy_moe.pretrain --data runs/arith.tsv --out-dir runs/warm_arith --max-steps 1500 --resume
     # a smaller model, on a GPU
-    python -m toy_moe.pretrain --data runs/arith.tsv --out_dir runs/warm_gpu --model.d_model 64 --accelerator gpu
+    python -m toy_moe.pretrain --data runs/arith.tsv --out-dir runs/warm_gpu --model.d-model 64 --accelerator gpu
 
 Measured with the default config on those 20k `a+b=` examples (operands 0..99), seed 0: on 2 uncontended
 Xeon cores (taskset on a GPU host), 600 steps took 83 s of fit (97 s wall with start-up) at 11.4k real
@@ -34,11 +34,10 @@ import argparse
 import math
 import time
 import warnings
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from types import NoneType
-from typing import Iterable, NamedTuple, Sequence, get_args, get_type_hints
+from typing import Iterable, NamedTuple, Sequence
 
 import lightning as L
 import torch
@@ -48,6 +47,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from toy_moe.cli import add_config_flags, config_from_flags
 from toy_moe.generate import generate
 from toy_moe.model import ToyMoE, ToyMoEConfig, ToyMoEOutput
 from toy_moe.tokenizer import RANKS_PATH, ToyTokenizer, load_tokenizer, parse_ranks
@@ -310,52 +310,13 @@ def pretrain(
     return model_path
 
 
-def _flag_type(kind):
-    """argparse `type=` for a config field's annotation: int/float/str, `X | None` ("none"), tuple[int, ...]
-    ("0,2")."""
-    options = [option for option in get_args(kind) if option is not NoneType]
-    if len(options) < len(get_args(kind)):
-        inner = _flag_type(options[0])
-        return lambda text: None if text.lower() == "none" else inner(text)
-    if getattr(kind, "__origin__", None) is tuple:
-        return lambda text: tuple(int(item) for item in text.split(",") if item.strip())
-    return kind
-
-
-def add_config_flags(parser: argparse.ArgumentParser, config_class: type, prefix: str = "") -> None:
-    """One `--name` flag per dataclass field (`--model.d_model` for nested dataclasses), defaults included."""
-    hints = get_type_hints(config_class)
-    for config_field in fields(config_class):
-        kind, flag = hints[config_field.name], f"--{prefix}{config_field.name}"
-        if is_dataclass(kind):
-            add_config_flags(parser, kind, f"{prefix}{config_field.name}.")
-            continue
-        default = config_field.default if config_field.default is not MISSING else config_field.default_factory()
-        if kind is bool:  # --name / --no-name
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help="(default: %(default)s)")
-        else:
-            metavar = kind.__name__.upper() if isinstance(kind, type) else str(kind)
-            parser.add_argument(flag, type=_flag_type(kind), default=default, metavar=metavar,
-                                help="(default: %(default)s)")
-
-
-def config_from_flags(config_class: type, values: dict, prefix: str = ""):
-    hints = get_type_hints(config_class)
-    return config_class(**{
-        config_field.name: config_from_flags(hints[config_field.name], values, f"{prefix}{config_field.name}.")
-        if is_dataclass(hints[config_field.name]) else values[f"{prefix}{config_field.name}"]
-        for config_field in fields(config_class)
-    })
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         prog="python -m toy_moe.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, required=True, help="examples, one 'prompt<TAB>answer' per line")
-    parser.add_argument("--out_dir", type=Path, default=Path("runs/pretrain"), help="(default: %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoints/last.ckpt")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/pretrain"), help="(default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/last.ckpt")
     add_config_flags(parser, PretrainConfig)
     values = vars(parser.parse_args(argv))
     config = config_from_flags(PretrainConfig, values)
