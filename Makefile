@@ -30,3 +30,15 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
+
+# Tutorials (tutorials/*.py, Jupytext percent format): `make notebooks` writes the paired .ipynb beside
+# each one; `make tutorials` runs them all headless as scripts, each in its own folder, where its figures
+# land (MINIRSPO_FAST=1 make tutorials: the short setting the tests use).
+.PHONY: notebooks tutorials
+notebooks: setup
+	$(BIN)/python -c "import jupytext" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[tutorials]"
+	$(BIN)/jupytext --to ipynb tutorials/[0-9][0-9]_*.py
+
+tutorials: setup
+	cd tutorials && for tutorial in [0-9][0-9]_*.py; do \
+		echo "== $$tutorial"; HF_HUB_OFFLINE=1 $(abspath $(BIN))/python $$tutorial || exit 1; done
