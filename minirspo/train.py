@@ -88,7 +88,7 @@ def run(config: RLConfig) -> Path:
     metrics_path, earlier_metrics = out / "metrics.csv", out / "metrics.before-resume.csv"
     if config.resume and metrics_path.is_file():
         metrics_path.replace(earlier_metrics)  # CSVLogger would delete it; merged back after fit
-    loggers = [CSVLogger(out, name="", version="")]
+    loggers = [CSVLogger(out, name="", version="", flush_logs_every_n_steps=1)]  # metrics.csv is live
     try:
         loggers.append(TensorBoardLogger(out, name="tensorboard", version=""))
     except ModuleNotFoundError:

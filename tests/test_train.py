@@ -156,3 +156,29 @@ def test_rspo_raises_the_reward(tmp_path):
     # about 0.3 and the difference of two 4096-sample means has a standard error near 0.0066: a rise of
     # 0.025 is almost 4 standard errors, not sampling luck. (This run measured 0.208 -> 0.249.)
     assert after > before + 0.025, (before, after)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_checkpoint, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "200", "--checkpoint-every", "1000")
+    process = subprocess.Popen([sys.executable, "-m", "minirspo.train", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    checkpoint, metrics = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):  # header + 2 steps
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert "Ctrl-C" in output and checkpoint.is_file()
+    stopped_at = torch.load(checkpoint, weights_only=False)["global_step"]
+    # a whole number of RL steps: the interrupted step finished before the checkpoint (16 sequences / 8 = 2
+    # optimiser steps per RL step), and the run stopped long before its 200 steps
+    assert stopped_at % 2 == 0 and 2 <= stopped_at < 2 * 200
+    main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", str(stopped_at // 2 + 1), "--resume"))
+    assert read_metrics(metrics)["step"] == [float(s) for s in range(stopped_at // 2 + 1)]
