@@ -165,11 +165,14 @@ def router_shift_ratio(router_logits, old_topk_idx, old_topk_logprobs, mask=None
     assert "router_logprobs_at" not in failure
 
 
-def test_submission_that_imports_the_reference_scores_zero(tmp_path):
-    text = "from minirspo.loss import router_shift_ratio as reference\n\n\n" \
-           "def router_shift_ratio(*args, **kwargs):\n    return reference(*args, **kwargs)\n"
+@pytest.mark.parametrize("borrowing, name", [
+    ("from minirspo.loss import router_shift_ratio as reference", "reference"),
+    ("import minirspo.tasks as tasks\nimport minirspo.loss\nreference = minirspo.loss.router_shift_ratio", "minirspo"),
+])
+def test_submission_that_imports_the_reference_scores_zero(tmp_path, borrowing, name):
+    text = f"{borrowing}\n\n\ndef router_shift_ratio(*args, **kwargs):\n    return reference(*args, **kwargs)\n"
     report = grade.grade("router_shift_ratio", write_submission(tmp_path, "router_shift_ratio", text))
-    assert report.total == 0 and "imports the reference implementation (reference)" in report.problem
+    assert report.total == 0 and f"imports the reference implementation ({name}" in report.problem
 
 
 def test_missing_function_and_broken_import_score_zero(tmp_path):
