@@ -35,6 +35,7 @@ import math
 import sys
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, NamedTuple
@@ -126,16 +127,16 @@ def leaf_copies(inputs: dict, names: tuple[str, ...]) -> tuple[dict, dict[str, T
 # ---------------------------------------------------------------------------------------------------
 
 @st.composite
-def router_shapes(draw, *, all_experts: bool, masked: bool = False):
+def router_shapes(draw, *, all_experts: bool):
     experts = draw(st.integers(2, 6))
     top_k = experts if all_experts else draw(st.integers(1, experts - 1))
     return {"layers": draw(st.integers(1, 3)), "batch": draw(st.integers(1, 3)),
             "tokens": draw(st.integers(1, 4)), "experts": experts, "top_k": top_k,
-            "masked": masked, "seed": draw(st.integers(0, 2**16))}
+            "seed": draw(st.integers(0, 2**16))}
 
 
-def router_inputs(layers: int, batch: int, tokens: int, experts: int, top_k: int, masked: bool,
-                  seed: int) -> dict:
+def router_inputs(layers: int, batch: int, tokens: int, experts: int, top_k: int, seed: int, *,
+                  masked: bool) -> dict:
     """An old router, a current one that moved a little, and the old top-K routing a rollout would keep."""
     generator = torch.Generator().manual_seed(seed)
     shape = (layers, batch, tokens, experts)
@@ -173,14 +174,14 @@ BAD_ROUTER_INPUTS = ("router_logits_3d", "idx_shape", "logprobs_shape", "mask_sh
 
 @st.composite
 def bad_router_shapes(draw):
-    return draw(router_shapes(all_experts=False, masked=True)) | {"defect": draw(st.sampled_from(BAD_ROUTER_INPUTS))}
+    return draw(router_shapes(all_experts=False)) | {"defect": draw(st.sampled_from(BAD_ROUTER_INPUTS))}
 
 
 def bad_router_inputs(defect: str, **shapes) -> dict:
     """Valid inputs with one defect; T != B is guaranteed where the defect is a transposed mask."""
     if defect == "mask_shape" and shapes["tokens"] == shapes["batch"]:
         shapes["tokens"] += 1
-    inputs = router_inputs(**shapes)
+    inputs = router_inputs(**shapes, masked=True)
     if defect == "router_logits_3d":
         inputs["router_logits"] = inputs["router_logits"][0]
     elif defect == "idx_shape":
@@ -212,7 +213,7 @@ def check_input_errors(submission: dict, inputs: dict) -> None:
 
 @st.composite
 def loss_shapes(draw, *, kind: str):
-    shapes = {"batch": draw(st.integers(1, 4)), "tokens": draw(st.integers(1, 5)), "kind": kind,
+    shapes = {"batch": draw(st.integers(1, 4)), "tokens": draw(st.integers(1, 5)),
               "seed": draw(st.integers(0, 2**16))}
     if kind == "clipping":
         shapes["clip"] = draw(st.sampled_from([0.2, 0.4, 0.6]))
@@ -221,7 +222,7 @@ def loss_shapes(draw, *, kind: str):
     return shapes
 
 
-def loss_inputs(batch: int, tokens: int, kind: str, seed: int, clip: float = 0.4, gamma_min: float = 0.8) -> dict:
+def loss_inputs(batch: int, tokens: int, seed: int, clip: float = 0.4, gamma_min: float = 0.8, *, kind: str) -> dict:
     """Inputs that exercise one clause of RSPO at a time. Every kind but "clipping" keeps each |log w̃| inside
     the clip band, every kind but "floor" keeps γ above γ_min, and only "mask" has padding, so one mistake
     breaks one property. kind: value | mask | clipping | floor | stop_gradient."""
@@ -294,12 +295,12 @@ def moe_shapes(draw, *, kind: str):
     # "dispatch" gives every expert at least one token: N·K >= E
     tokens = draw(st.integers(math.ceil(experts / top_k) if kind == "dispatch" else 1, 6))
     return {"tokens": tokens, "d_model": draw(st.sampled_from([2, 4])), "experts": experts, "top_k": top_k,
-            "hidden": draw(st.integers(1, 4)), "norm_topk_prob": draw(st.booleans()), "kind": kind,
+            "hidden": draw(st.integers(1, 4)), "norm_topk_prob": draw(st.booleans()),
             "seed": draw(st.integers(0, 2**16))}
 
 
 def moe_inputs(tokens: int, d_model: int, experts: int, top_k: int, hidden: int, norm_topk_prob: bool,
-               kind: str, seed: int) -> dict:
+               seed: int, *, kind: str) -> dict:
     """Keyword arguments of `MoELayer.route` (kind route | replay | frozen) or `MoELayer.experts` (kind
     dispatch: every expert busy | idle: some experts get no token), `self` being a seeded toy_moe layer."""
     generator = torch.Generator().manual_seed(seed)
@@ -444,14 +445,15 @@ ASSIGNMENTS = {assignment.name: assignment for assignment in (
     Assignment(
         "router_shift_ratio", "router_shift_ratio/router_shift.py", ("router_shift_ratio",),
         (loss_reference, loss_reference.router_shift_ratio, loss_reference.router_logprobs_at),
-        (Property("value", "γ (B, T) with K = E, no mask", router_shapes(all_experts=True), router_inputs,
-                  check_gamma_value),
+        (Property("value", "γ (B, T) with K = E, no mask", router_shapes(all_experts=True),
+                  partial(router_inputs, masked=False), check_gamma_value),
          Property("gradient", "γ is differentiable wrt router_logits", router_shapes(all_experts=True),
-                  router_inputs, check_gamma_value_and_gradient),
+                  partial(router_inputs, masked=False), check_gamma_value_and_gradient),
          Property("mask", "γ = 1 and no gradient at padding (its old log-probs are 0)",
-                  router_shapes(all_experts=True, masked=True), router_inputs, check_gamma_value_and_gradient),
+                  router_shapes(all_experts=True), partial(router_inputs, masked=True),
+                  check_gamma_value_and_gradient),
          Property("old top-K", "averages over the K experts the old policy activated, K < E",
-                  router_shapes(all_experts=False), router_inputs, check_gamma_value),
+                  router_shapes(all_experts=False), partial(router_inputs, masked=False), check_gamma_value),
          Property("input checks", "bad shapes raise ValueError", bad_router_shapes(), bad_router_inputs,
                   check_input_errors))),
     Assignment(
@@ -459,33 +461,36 @@ ASSIGNMENTS = {assignment.name: assignment for assignment in (
         (loss_reference, loss_reference.rspo_loss, loss_reference.gmpo_loss, loss_reference.grpo_loss,
          loss_reference.gspo_loss, loss_reference.policy_loss),
         (Property("value", "−J inside the clip band, γ ≥ γ_min, no padding", loss_shapes(kind="value"),
-                  loss_inputs, check_loss_value),
-         Property("gradient", "d loss / d logprobs", loss_shapes(kind="value"), loss_inputs, check_loss_gradient),
-         Property("mask", "padding ignored, an empty sequence still counts in B",
-                  loss_shapes(kind="mask"), loss_inputs, check_loss_value_and_gradient),
+                  partial(loss_inputs, kind="value"), check_loss_value),
+         Property("gradient", "d loss / d logprobs", loss_shapes(kind="value"), partial(loss_inputs, kind="value"),
+                  check_loss_gradient),
+         Property("mask", "padding ignored, an empty sequence still counts in B", loss_shapes(kind="mask"),
+                  partial(loss_inputs, kind="mask"), check_loss_value_and_gradient),
          Property("clipping", "one-sided clip of log w̃ at ±ε by the sign of Â", loss_shapes(kind="clipping"),
-                  loss_inputs, check_loss_value_and_gradient),
-         Property("gamma floor", "γ̃ = max(γ, γ_min)", loss_shapes(kind="floor"), loss_inputs,
-                  check_loss_value_and_gradient),
+                  partial(loss_inputs, kind="clipping"), check_loss_value_and_gradient),
+         Property("gamma floor", "γ̃ = max(γ, γ_min)", loss_shapes(kind="floor"),
+                  partial(loss_inputs, kind="floor"), check_loss_value_and_gradient),
          Property("stop-gradient", "no gradient flows into router_shift", loss_shapes(kind="stop_gradient"),
-                  loss_inputs, check_stop_gradient))),
+                  partial(loss_inputs, kind="stop_gradient"), check_stop_gradient))),
     Assignment(
         "moe_dispatch", "moe_dispatch/moe_dispatch.py", ("MoELayer.route", "MoELayer.experts"),
         (moe_reference, moe_reference.MoELayer, moe_reference.ToyMoE),
         (Property("top-K selection", "router logits and the K most probable experts", moe_shapes(kind="route"),
-                  moe_inputs, check_topk_selection, "MoELayer.route"),
+                  partial(moe_inputs, kind="route"), check_topk_selection, "MoELayer.route"),
          Property("gates", "softmax over all E at the chosen experts, renormalised if asked; gradients",
-                  moe_shapes(kind="route"), moe_inputs, check_gates, "MoELayer.route"),
+                  moe_shapes(kind="route"), partial(moe_inputs, kind="route"), check_gates, "MoELayer.route"),
          Property("routing replay", "forced_idx: those experts, gates from the current router",
-                  moe_shapes(kind="replay"), moe_inputs, check_replay, "MoELayer.route"),
+                  moe_shapes(kind="replay"), partial(moe_inputs, kind="replay"), check_replay, "MoELayer.route"),
          Property("frozen router", "freeze_router: no gradient to the router weight, still to x",
-                  moe_shapes(kind="frozen"), moe_inputs, check_frozen_router, "MoELayer.route"),
+                  moe_shapes(kind="frozen"), partial(moe_inputs, kind="frozen"), check_frozen_router,
+                  "MoELayer.route"),
          Property("dispatch value", "Σ_k gate · expert(x), every expert busy", moe_shapes(kind="dispatch"),
-                  moe_inputs, check_dispatch_value, "MoELayer.experts"),
+                  partial(moe_inputs, kind="dispatch"), check_dispatch_value, "MoELayer.experts"),
          Property("dispatch gradients", "gradients wrt x, gates and expert weights", moe_shapes(kind="dispatch"),
-                  moe_inputs, check_dispatch_gradients, "MoELayer.experts"),
+                  partial(moe_inputs, kind="dispatch"), check_dispatch_gradients, "MoELayer.experts"),
          Property("idle experts", "experts that get no token (dropless, no empty-batch errors)",
-                  moe_shapes(kind="idle"), moe_inputs, check_idle_experts, "MoELayer.experts"))),
+                  moe_shapes(kind="idle"), partial(moe_inputs, kind="idle"), check_idle_experts,
+                  "MoELayer.experts"))),
 )}
 
 
