@@ -64,7 +64,8 @@ checkpoint = make_tiny_hf_checkpoint(RUNS / "tiny-qwen3-moe", "qwen3_moe", hidde
 policy = HFPolicy.from_pretrained(checkpoint)
 lm_config = policy.model.lm.config
 print(f"{lm_config.model_type}: {sum(p.numel() for p in policy.model.parameters()) / 1e6:.2f}M parameters, "
-      f"{lm_config.num_hidden_layers} MoE layers × {lm_config.num_experts} experts, top-{lm_config.num_experts_per_tok}")
+      f"{lm_config.num_hidden_layers} MoE layers × {lm_config.num_experts} experts, "
+      f"top-{lm_config.num_experts_per_tok}")
 
 task = make_task("arithmetic")
 tokenizer = policy.tokenizer
