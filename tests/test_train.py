@@ -182,3 +182,9 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_checkpoint, tmp_path):
     assert stopped_at % 2 == 0 and 2 <= stopped_at < 2 * 200
     main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", str(stopped_at // 2 + 1), "--resume"))
     assert read_metrics(metrics)["step"] == [float(s) for s in range(stopped_at // 2 + 1)]
+
+
+def test_the_command_line_defaults_are_the_config_defaults():
+    from minirspo.config import parse_config
+    assert parse_config([]) == RLConfig()
+    assert parse_config(["--pretrain.max-steps", "7"]).pretrain.max_steps == 7

@@ -4,7 +4,7 @@ Used by `python -m toy_moe.pretrain` and `python -m minirspo.train`, so every co
 from the command line with its default shown in `--help`.
 """
 import argparse
-from dataclasses import MISSING, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from types import NoneType, UnionType
 from typing import Union, get_args, get_origin, get_type_hints
 
@@ -31,17 +31,18 @@ def _flag_type(kind):
     return kind
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_class: type, prefix: str = "") -> None:
-    """One flag per dataclass field, defaults included; booleans get `--flag / --no-flag`."""
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type, prefix: str = "",
+                     defaults=None) -> None:
+    """One flag per dataclass field, defaults included; booleans get `--flag / --no-flag`. A nested config
+    takes its defaults from the outer field's default (`defaults`), not from its own class."""
+    defaults = config_class() if defaults is None else defaults
     hints = get_type_hints(config_class)
     for config_field in fields(config_class):
-        kind = hints[config_field.name]
+        kind, default = hints[config_field.name], getattr(defaults, config_field.name)
         flag = f"--{prefix}{config_field.name.replace('_', '-')}"
         if is_dataclass(kind):
-            add_config_flags(parser, kind, f"{prefix}{config_field.name}.")
-            continue
-        default = config_field.default if config_field.default is not MISSING else config_field.default_factory()
-        if kind is bool:
+            add_config_flags(parser, kind, f"{prefix}{config_field.name}.", default)
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
             parser.add_argument(flag, type=_flag_type(kind), default=default,
