@@ -105,6 +105,8 @@ def run(config: RLConfig) -> Path:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+        # checkpoints are taken after a whole RL step, which is the state a resume needs
+        warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
         trainer.fit(module, DataLoader(_Ticks(), batch_size=None),
                     ckpt_path=checkpoint if config.resume else None)
     if trainer.is_global_zero:
