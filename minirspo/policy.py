@@ -413,10 +413,14 @@ class HFPolicy(Policy):
         mask = (is_stop.cumsum(dim=1) - is_stop.long()) == 0                               # (B, N) through 1st stop
         logprobs = torch.where(mask, sampled.logprobs(tokens), 0.0)                        # (B, N)
         n_layers, n_steps = len(self.router.gates), tokens.shape[1]
-        if len(records) != n_layers * (n_steps + 1):
+        # Passes: the prompt, tokens 1..N-1 fed back, then our extra step feeding token N. Under FSDP on several
+        # processes, transformers' synced_gpus makes a rank that has finished run dummy passes until every
+        # rank has, between its last real pass and our extra step: whole passes, dropped here.
+        extra = len(records) - n_layers * (n_steps + 1)
+        if extra < 0 or extra % n_layers:
             raise RuntimeError(f"expected {n_steps + 1} forward passes of {n_layers} gates while generating "
                                f"{n_steps} tokens, recorded {len(records)} gate calls")
-        token_records = records[n_layers:]  # the first forward routed the prompt
+        token_records = records[n_layers:n_layers * n_steps] + records[len(records) - n_layers:]
         if not self.is_moe:  # no routing: (0, B, N, 0), like its scores
             no_routing = tokens.new_zeros((0, *tokens.shape, 0))
             return Rollout(tokens, logprobs, mask, no_routing, no_routing.float())
