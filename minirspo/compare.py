@@ -37,7 +37,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
 from minirspo.config import parse_config  # noqa: E402
-from minirspo.report import read_metrics  # noqa: E402
+from minirspo.report import read_metrics, smoothed  # noqa: E402
 from minirspo.warmstart import warm_start  # noqa: E402
 
 # What each variant adds to `python -m minirspo.train`; the paper's Countdown study and its baselines.
@@ -126,14 +126,10 @@ def run_grid(runs: list[Run], out: Path, train_args: list[str], jobs: int) -> li
     return pending
 
 
-def smoothed(values: list[float], width: int = 5) -> list[float]:
-    """Trailing mean over `width` steps: one sampled batch is too noisy to call a peak or a collapse."""
-    return [statistics.fmean(values[max(0, i - width + 1):i + 1]) for i in range(len(values))]
-
-
 def run_summary(metrics: dict[str, list[float]], threshold: float) -> dict[str, float]:
     """Final held-out accuracy, first step whose smoothed reward reaches `threshold` (NaN if never), and
-    whether the run collapsed: its smoothed reward ended below half of its peak."""
+    whether the run collapsed: its smoothed reward ended below half of its peak. One sampled batch is too
+    noisy to call a peak or a collapse, hence the 5-step trailing mean."""
     reward = smoothed(metrics["reward_mean"])
     accuracy = [v for v in metrics["accuracy"] if not math.isnan(v)]
     reached = next((step for step, r in zip(metrics["step"], reward) if r >= threshold), math.nan)

@@ -48,6 +48,11 @@ def merge_metrics(earlier: Path | str, later: Path | str) -> None:
     Path(earlier).unlink()
 
 
+def smoothed(values: list[float], width: int = 5) -> list[float]:
+    """Trailing mean over `width` steps (fewer at the start)."""
+    return [sum(values[max(0, i - width + 1):i + 1]) / (i + 1 - max(0, i - width + 1)) for i in range(len(values))]
+
+
 def _finite(values: list[float]) -> list[float]:
     return [v for v in values if not math.isnan(v)]
 
@@ -82,8 +87,12 @@ def plot_curves(metrics: dict[str, list[float]], path: Path | str, title: str = 
     for axis, (name, label) in zip(axes.flat, CURVES):
         values = metrics.get(name, [])
         points = [(s, v) for s, v in zip(steps, values) if not math.isnan(v)]
-        if points:
-            axis.plot(*zip(*points), marker="o" if name == "accuracy" else None, markersize=3)
+        if name == "accuracy" and points:
+            axis.plot(*zip(*points), marker="o", markersize=3)
+        elif points:  # one sampled batch per step is noisy: the raw curve faint, a 10-step trailing mean on top
+            x, y = zip(*points)
+            axis.plot(x, y, alpha=0.3, color="tab:blue")
+            axis.plot(x, smoothed(list(y), width=10), color="tab:blue", label="10-step mean")
         axis.set_title(label, fontsize=10)
         axis.grid(alpha=0.3)
     for axis in axes[-1]:

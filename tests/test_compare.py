@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from minirspo.compare import main, run_summary, smoothed
-from minirspo.report import read_metrics
+from minirspo.compare import main, run_summary
+from minirspo.report import read_metrics, smoothed
 from toy_moe.model import ToyMoE, ToyMoEConfig
 from toy_moe.pretrain import save_toy_checkpoint
 
