@@ -56,6 +56,15 @@ def test_a_second_invocation_skips_finished_runs(grid, capsys):
     assert before == {path: path.stat().st_mtime_ns for path in out.glob("runs/*/metrics.csv")}
 
 
+def test_report_only_uses_the_finished_runs_and_trains_nothing(grid, capsys):
+    out, argv = grid
+    (out / "results.md").unlink()
+    main(["--report-only", *argv[:argv.index("--")]])
+    assert "0 runs trained" in capsys.readouterr().out and (out / "results.md").is_file()
+    with pytest.raises(SystemExit, match="no finished run"):
+        main(["--report-only", "--preset", "smoke", "--out", str(out / "empty")])
+
+
 def test_collapse_and_threshold_are_read_off_the_smoothed_reward():
     steps = [float(s) for s in range(20)]
     rising = {"step": steps, "reward_mean": [s / 20 for s in range(20)], "accuracy": [0.1] * 19 + [0.7]}
