@@ -33,7 +33,10 @@ def merge_metrics(earlier: Path | str, later: Path | str) -> None:
 
     Lightning's CSVLogger starts metrics.csv afresh, so a resumed run keeps its earlier rows aside
     (`earlier`) and merges them back here; rows past the checkpoint (logged before an interruption, then
-    redone) are dropped, so every step appears once."""
+    redone) are dropped, so every step appears once. A resume with nothing left to train logs nothing."""
+    if not Path(later).is_file():
+        Path(earlier).replace(later)
+        return
     with open(earlier, newline="") as handle:
         earlier_rows = list(csv.DictReader(handle))
     with open(later, newline="") as handle:

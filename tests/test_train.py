@@ -79,6 +79,9 @@ def test_resume_is_bit_exact(tiny_checkpoint, tmp_path):
     for name, value in final[0]["state_dict"].items():
         assert torch.equal(value, final[1]["state_dict"][name]), name
     assert final[0]["state_dict"]["gamma_floor"] != 0.8, "the adaptive floor never moved: a weak test"
+    # resuming a run that has nothing left to train keeps its metrics
+    main(tiny_args(tiny_checkpoint, tmp_path / "resumed", *common, "--max-steps", "4", "--resume"))
+    assert read_metrics(tmp_path / "resumed" / "metrics.csv") == resumed
     initial = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
     assert not torch.equal(final[0]["state_dict"]["model.embed.weight"], initial["embed.weight"])
 
