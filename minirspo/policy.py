@@ -412,6 +412,9 @@ class HFPolicy(Policy):
         is_stop = torch.isin(tokens, torch.tensor(self.stop_ids, device=tokens.device))   # (B, N)
         mask = (is_stop.cumsum(dim=1) - is_stop.long()) == 0                               # (B, N) through 1st stop
         logprobs = torch.where(mask, sampled.logprobs(tokens), 0.0)                        # (B, N)
+        if not self.is_moe:  # no routing: (0, B, N, 0), like its scores
+            no_routing = tokens.new_zeros((0, *tokens.shape, 0))
+            return Rollout(tokens, logprobs, mask, no_routing, no_routing.float())
         n_layers, n_steps = len(self.router.gates), tokens.shape[1]
         # Passes: the prompt, tokens 1..N-1 fed back, then our extra step feeding token N. Under FSDP on several
         # processes, transformers' synced_gpus makes a rank that has finished run dummy passes until every
@@ -421,9 +424,6 @@ class HFPolicy(Policy):
             raise RuntimeError(f"expected {n_steps + 1} forward passes of {n_layers} gates while generating "
                                f"{n_steps} tokens, recorded {len(records)} gate calls")
         token_records = records[n_layers:n_layers * n_steps] + records[len(records) - n_layers:]
-        if not self.is_moe:  # no routing: (0, B, N, 0), like its scores
-            no_routing = tokens.new_zeros((0, *tokens.shape, 0))
-            return Rollout(tokens, logprobs, mask, no_routing, no_routing.float())
         topk_idx = rearrange(torch.stack([experts for _, experts in token_records]),
                              "(n l) b k -> l b n k", l=n_layers)                            # (L, B, N, K)
         router_logits = rearrange(torch.stack([logits for logits, _ in token_records]),

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(config)
     except (FileNotFoundError, ValueError) as error:
-        Console(stderr=True).print(f"[red]error:[/] {error}")
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {error}")  # paths stay on one line
         sys.exit(2)
 
 
