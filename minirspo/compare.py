@@ -9,7 +9,8 @@ resumes from its last checkpoint.
 
 Writes to --out: `runs/NAME/` (each run's metrics.csv, curves.png, checkpoints), one figure per metric
 (`reward_mean.png`, `accuracy.png`, ...: mean across seeds with a min–max band, one panel per lr) and
-`results.md` (final held-out accuracy mean ± std, steps to a reward threshold, collapse counts).
+`results.md` (final held-out accuracy mean ± std, steps to a reward threshold, collapse counts: runs whose
+smoothed reward, or whose held-out accuracy, ended below half of its peak).
 
 Examples:
     python -m minirspo.compare                          # the CPU grid, about an hour on 2 cores
@@ -134,8 +135,11 @@ def run_summary(metrics: dict[str, list[float]], threshold: float) -> dict[str, 
     reward = smoothed(metrics["reward_mean"])
     accuracy = [v for v in metrics["accuracy"] if not math.isnan(v)]
     reached = next((step for step, r in zip(metrics["step"], reward) if r >= threshold), math.nan)
+    # A well-formed wrong answer still earns 0.1, so a policy that forgot every sum keeps a reward near 0.1
+    # and may never "halve" it; held-out accuracy (first evaluation = the warm start) shows that collapse.
     return {"final_accuracy": accuracy[-1], "steps_to_threshold": reached,
-            "collapsed": float(reward[-1] < 0.5 * max(reward))}
+            "collapsed": float(reward[-1] < 0.5 * max(reward)),
+            "accuracy_collapsed": float(accuracy[-1] < 0.5 * max(accuracy))}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -146,13 +150,14 @@ def _mean_std(values: list[float]) -> str:
 
 def results_table(summaries: dict[tuple[str, float], list[dict[str, float]]], threshold: float) -> str:
     lines = [f"| variant | lr | final held-out accuracy (mean ± std) | steps to reward ≥ {threshold} "
-             f"(mean, reached/runs) | collapsed/runs |", "|---|---|---|---|---|"]
+             f"(mean, reached/runs) | reward collapsed/runs | accuracy collapsed/runs |", "|---|---|---|---|---|---|"]
     for (variant, lr), rows in summaries.items():
         reached = [r["steps_to_threshold"] for r in rows if not math.isnan(r["steps_to_threshold"])]
         steps = f"{statistics.fmean(reached):.1f} ({len(reached)}/{len(rows)})" if reached else f"— (0/{len(rows)})"
         collapsed = sum(int(r["collapsed"]) for r in rows)
+        forgot = sum(int(r["accuracy_collapsed"]) for r in rows)
         lines.append(f"| {variant} | {lr:g} | {_mean_std([r['final_accuracy'] for r in rows])} | {steps} | "
-                     f"{collapsed}/{len(rows)} |")
+                     f"{collapsed}/{len(rows)} | {forgot}/{len(rows)} |")
     return "\n".join(lines)
 
 

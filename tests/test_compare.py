@@ -44,8 +44,9 @@ def test_table_numbers_equal_what_the_csvs_hold(grid):
         metrics = read_metrics(out / "runs" / f"{row[0].strip()}-lr0.001-seed0" / "metrics.csv")
         final_accuracy = [v for v in metrics["accuracy"] if not math.isnan(v)][-1]
         assert row[2].strip() == f"{final_accuracy:.3f} ± 0.000"
-        collapsed = run_summary(metrics, threshold=0.2)["collapsed"]
-        assert row[4].strip() == f"{int(collapsed)}/1"
+        summary = run_summary(metrics, threshold=0.2)
+        assert row[4].strip() == f"{int(summary['collapsed'])}/1"
+        assert row[5].strip() == f"{int(summary['accuracy_collapsed'])}/1"
 
 
 def test_a_second_invocation_skips_finished_runs(grid, capsys):
@@ -70,7 +71,13 @@ def test_collapse_and_threshold_are_read_off_the_smoothed_reward():
     rising = {"step": steps, "reward_mean": [s / 20 for s in range(20)], "accuracy": [0.1] * 19 + [0.7]}
     summary = run_summary(rising, threshold=0.5)
     # the 5-step trailing mean first reaches 0.5 at step 12: (8 + 9 + 10 + 11 + 12) / 5 / 20 = 0.5
-    assert summary == {"final_accuracy": 0.7, "steps_to_threshold": 12.0, "collapsed": 0.0}
+    assert summary == {"final_accuracy": 0.7, "steps_to_threshold": 12.0, "collapsed": 0.0,
+                       "accuracy_collapsed": 0.0}
     peak_then_zero = {"step": steps, "reward_mean": [0.8] * 10 + [0.0] * 10, "accuracy": [0.5] * 20}
     assert run_summary(peak_then_zero, threshold=0.5)["collapsed"] == 1.0
+    # the format reward keeps a forgetful policy's reward near 0.1: only its accuracy shows the collapse
+    forgot = {"step": steps, "reward_mean": [0.15] * 10 + [0.1] * 10, "accuracy": [0.3] * 10 + [0.0] * 10}
+    summary = run_summary(forgot, threshold=0.5)
+    assert math.isnan(summary["steps_to_threshold"])
+    assert (summary["collapsed"], summary["accuracy_collapsed"]) == (0.0, 1.0)
     assert smoothed([1.0, 3.0, 5.0], width=2) == [1.0, 2.0, 4.0]
