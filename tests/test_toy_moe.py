@@ -359,3 +359,13 @@ def test_dense_layers_follow_moe_layers_and_report_only_moe_routing():
     assert out.router_logits.shape == (1, 2, 5, 4) and out.topk_idx.shape == (1, 2, 5, 2)
     assert [block.is_moe for block in model.blocks] == [False, True, False]
     assert out.expert_counts.sum() == 2 * 5 * 2
+
+
+def test_bf16_autocast_runs_with_a_float32_router():
+    torch.manual_seed(0)
+    model = ToyMoE(ToyMoEConfig(d_model=32, n_layers=2, n_heads=2, n_experts=4, expert_hidden=32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randint(0, 500, (2, 7)))
+    out.logits.float().sum().backward()
+    assert out.router_logits.dtype == torch.float32 and out.logits.dtype == torch.bfloat16
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -197,8 +197,9 @@ class MoELayer(nn.Module):
     def route(self, x: Tensor, forced_idx: Tensor | None, freeze_router: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Return router logits (B, T, E) float32, the experts used (B, T, K) and their gates (B, T, K)."""
         weight = self.router.weight.detach() if freeze_router else self.router.weight
-        if self.router_fp32:
-            router_logits = F.linear(x.float(), weight.float())  # (B, T, E)
+        if self.router_fp32:  # autocast off: under bf16-mixed it would cast this matmul back to bf16
+            with torch.autocast(x.device.type, enabled=False):
+                router_logits = F.linear(x.float(), weight.float())  # (B, T, E)
         else:
             router_logits = F.linear(x, weight).float()  # (B, T, E)
         probs = router_logits.softmax(dim=-1)  # (B, T, E)
@@ -224,7 +225,8 @@ class MoELayer(nn.Module):
             swiglu(x_block, gate_up, down) for x_block, gate_up, down in experts if len(x_block)
         ])  # (M, D)
         gate_sorted = rearrange(gates, "n k -> (n k)")[pair_order].to(y_sorted.dtype)  # (M,)
-        return torch.zeros_like(x).index_add_(0, token_of_pair, y_sorted * gate_sorted[:, None])  # (N, D)
+        weighted = (y_sorted * gate_sorted[:, None]).to(x.dtype)  # under bf16 autocast the experts run in bf16
+        return torch.zeros_like(x).index_add_(0, token_of_pair, weighted)  # (N, D)
 
     def forward(self, x: Tensor, forced_idx: Tensor | None, freeze_router: bool) -> tuple[Tensor, Tensor, Tensor]:
         router_logits, topk_idx, gates = self.route(x, forced_idx, freeze_router)
