@@ -369,3 +369,19 @@ def test_bf16_autocast_runs_with_a_float32_router():
     out.logits.float().sum().backward()
     assert out.router_logits.dtype == torch.float32 and out.logits.dtype == torch.bfloat16
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_rejected_cache_step_leaves_the_cache_as_it_was():
+    model = tiny_model(10, max_seq_len=8)
+    cache = KVCache(model.config, 1, 12)
+    with torch.no_grad():
+        model(torch.randint(0, 32, (1, 8)), kv_cache=cache)
+        with pytest.raises(ValueError, match="max_seq_len"):
+            model(torch.randint(0, 32, (1, 1)), kv_cache=cache)
+        with pytest.raises(ValueError, match="rows"):
+            model(torch.randint(0, 32, (2, 1)), kv_cache=cache)
+        assert cache.length == 8 and int(cache.real_tokens) == 8
+        model(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), kv_cache=cache)  # a pad still fits
+    assert cache.length == 9 and int(cache.real_tokens) == 8
+    with pytest.raises(ValueError, match="no_grad"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)

@@ -106,6 +106,7 @@ class KVCache:
         self.key_mask = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)  # (B, S_max)
         self.real_tokens = torch.zeros(batch_size, device=device, dtype=torch.long)  # (B,)
         self.length = 0  # slots filled so far
+        self.max_seq_len = config.max_seq_len
 
     @property
     def max_len(self) -> int:
@@ -119,7 +120,7 @@ class KVCache:
         if self.length + n_new > self.max_len:
             raise ValueError(f"kv_cache is full: {self.length} + {n_new} tokens exceed max_len={self.max_len}")
         start = self.length
-        positions = (self.real_tokens[:, None] + valid.cumsum(1) - 1).clamp_min(0)  # (B, T)
+        positions = position_ids(valid, self.real_tokens[:, None], self.max_seq_len)  # (B, T), checked before any write
         self.key_mask[:, start : start + n_new] = valid
         self.real_tokens += valid.sum(1)
         self.length += n_new
@@ -131,6 +132,15 @@ class KVCache:
         self.keys[layer, :, :, start:end] = keys
         self.values[layer, :, :, start:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+def position_ids(valid: Tensor, real_before: Tensor | int, max_seq_len: int) -> Tensor:
+    """Real tokens before each token in its row (B, T): a left-padded row starts at 0; a pad takes its
+    neighbour's position, harmless since it is masked."""
+    positions = (real_before + valid.cumsum(1) - 1).clamp_min(0)  # (B, T)
+    if int(positions.max()) >= max_seq_len:
+        raise ValueError(f"a row has more than max_seq_len={max_seq_len} real tokens")
+    return positions
 
 
 def swiglu(x: Tensor, gate_up_weight: Tensor, down_weight: Tensor) -> Tensor:
@@ -336,11 +346,9 @@ class ToyMoE(nn.Module):
             start, positions, key_mask = kv_cache.append(valid)  # (B, T), (B, S)
             mask = causal_mask(key_mask, start, n_tokens)  # (B, 1, T, S)
         else:
-            start, positions = 0, (valid.cumsum(1) - 1).clamp_min(0)  # (B, T)
+            start, positions = 0, position_ids(valid, 0, self.config.max_seq_len)  # (B, T)
             # Without pads, SDPA's built-in causal mask is the same mask and faster.
             mask = None if attention_mask is None or bool(valid.all()) else causal_mask(valid, 0, n_tokens)
-        if int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(f"a row has more than max_seq_len={self.config.max_seq_len} real tokens")
         cos = rearrange(self.rope_cos[positions], "b t f -> b 1 t f")  # (B, 1, T, Dh/2)
         sin = rearrange(self.rope_sin[positions], "b t f -> b 1 t f")  # (B, 1, T, Dh/2)
 
