@@ -58,6 +58,13 @@ class Scores(NamedTuple):
     aux_loss: Tensor       # scalar, the model's unweighted load-balance loss over real tokens
 
 
+@torch.no_grad()
+def next_token_entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats, detached, float32) of softmax(logits) over the last dim: (..., V) -> (...)."""
+    log_p = logits.float().log_softmax(dim=-1)                                         # (..., V)
+    return -(log_p.exp() * torch.nan_to_num(log_p, neginf=0.0)).sum(-1)                # (...)
+
+
 class Policy(ABC):
     """What the RL loop needs from a model. `model` is the nn.Module the optimiser trains."""
 
@@ -133,10 +140,7 @@ class ToyPolicy(Policy):
                          freeze_router=freeze_router)
         next_logits = out.logits[:, prompt_len - 1:-1]                                 # (B, N, V)
         logprobs = token_logprobs(next_logits, tokens, temperature=temperature, banned_tokens=self.banned)
-        with torch.no_grad():
-            log_p = next_logits.float().log_softmax(dim=-1)                            # (B, N, V)
-            entropy = -(log_p.exp() * torch.nan_to_num(log_p, neginf=0.0)).sum(-1)    # (B, N)
-        return Scores(logprobs=torch.where(mask, logprobs, 0.0), entropy=entropy,
+        return Scores(logprobs=torch.where(mask, logprobs, 0.0), entropy=next_token_entropy(next_logits),
                       router_logits=out.router_logits[:, :, prompt_len:],              # (L, B, N, E)
                       topk_idx=out.topk_idx[:, :, prompt_len:],                        # (L, B, N, K)
                       routing=out.topk_idx, aux_loss=out.aux_loss)
@@ -249,10 +253,7 @@ class ChunkedLogprobLM(nn.Module):
     def _head(self, hidden: Tensor, targets: Tensor, temperature: float, banned_tokens: tuple[int, ...]):
         logits = self.lm.get_output_embeddings()(hidden)                                   # (C, V)
         logprobs = token_logprobs(logits, targets, temperature=temperature, banned_tokens=banned_tokens)  # (C,)
-        with torch.no_grad():
-            log_p = logits.float().log_softmax(dim=-1)                                     # (C, V)
-            entropy = -(log_p.exp() * torch.nan_to_num(log_p, neginf=0.0)).sum(-1)        # (C,)
-        return logprobs, entropy
+        return logprobs, next_token_entropy(logits)
 
     @torch.no_grad()
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, generation_config, logits_processor) -> Tensor:
