@@ -38,7 +38,7 @@ from minirspo.distributed import clip_grad_norm, parallelize
 from minirspo.loss import (group_advantages, policy_loss, router_logprobs_at, router_shift_metrics,
                            router_shift_ratio, routing_consistency, zero_variance_groups)
 from minirspo.policy import Policy
-from minirspo.tasks import REWARD_CORRECT, score
+from minirspo.tasks import REWARD_CORRECT, Problem, Task, score
 
 
 class Minibatch(NamedTuple):
@@ -216,16 +216,19 @@ class RLModule(L.LightningModule):
         target = self.trainer.strategy.reduce(target, reduce_op="mean")  # one floor on every rank
         self.gamma_floor.lerp_(target.clamp(*AUTO_GAMMA_MIN_RANGE), AUTO_GAMMA_MIN_RATE)
 
-    @torch.no_grad()
     def evaluate(self) -> Tensor:
-        """Held-out greedy accuracy: the share of eval problems whose greedy answer earns the full reward."""
-        prompt_ids, prompt_mask = self.policy.encode_prompts([p.prompt for p in self.eval_problems])
-        self.model.eval()
-        rollout = self.policy.generate(prompt_ids, prompt_mask, max_new_tokens=self.config.max_new_tokens,
-                                       temperature=0.0)
-        self.model.train()
-        rewards = score(self.task, self.eval_problems, self.policy.decode_responses(rollout.tokens, rollout.mask))
-        return (rewards == REWARD_CORRECT).float().mean()
+        return greedy_accuracy(self.policy, self.task, self.eval_problems, self.config.max_new_tokens)
+
+
+@torch.no_grad()
+def greedy_accuracy(policy: Policy, task: Task, problems: list[Problem], max_new_tokens: int) -> Tensor:
+    """Held-out greedy accuracy: the share of `problems` whose greedy answer earns the full reward."""
+    prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in problems])       # (B, P)
+    policy.model.eval()
+    rollout = policy.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=0.0)
+    policy.model.train()
+    rewards = score(task, problems, policy.decode_responses(rollout.tokens, rollout.mask))  # (B,)
+    return (rewards == REWARD_CORRECT).float().mean()
 
 
 def kl_to_reference(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
