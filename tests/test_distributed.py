@@ -100,7 +100,7 @@ def run_in_subprocess(checkpoint: Path, out: Path, strategy: str, devices: int) 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
     pytest.importorskip("transformers")
-    from minirspo.policy import make_tiny_hf_checkpoint
+    from minirspo.testing import make_tiny_hf_checkpoint
     root = tmp_path_factory.mktemp("dist")
     checkpoint = make_tiny_hf_checkpoint(root / "qwen3_moe", "qwen3_moe", norm_topk_prob=True)
     train_one_step(checkpoint, root / "single", "auto", 1)

@@ -18,8 +18,9 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from minirspo.config import RLConfig  # noqa: E402
 from minirspo.loss import router_logprobs_at  # noqa: E402
 from minirspo.module import RLModule  # noqa: E402
-from minirspo.policy import HFPolicy, load_policy, make_tiny_hf_checkpoint  # noqa: E402
+from minirspo.policy import HFPolicy, load_policy  # noqa: E402
 from minirspo.tasks import make_task  # noqa: E402
+from minirspo.testing import make_tiny_hf_checkpoint  # noqa: E402
 from minirspo.train import run  # noqa: E402
 from toy_moe.generate import token_logprobs  # noqa: E402
 from toy_moe.tokenizer import load_tokenizer  # noqa: E402

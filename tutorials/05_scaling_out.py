@@ -41,9 +41,10 @@ import matplotlib.pyplot as plt
 import torch
 
 from minirspo.loss import group_advantages, router_logprobs_at, router_shift_ratio, rspo_loss
-from minirspo.policy import HFPolicy, make_tiny_hf_checkpoint
+from minirspo.policy import HFPolicy
 from minirspo.report import read_metrics
 from minirspo.tasks import make_task, score
+from minirspo.testing import make_tiny_hf_checkpoint
 
 FAST = os.environ.get("MINIRSPO_FAST") == "1"
 HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()  # a notebook runs in its folder
