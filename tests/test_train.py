@@ -111,7 +111,7 @@ def test_unknown_loss_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(tiny_args(tiny_checkpoint, tmp_path, "--loss", "ppo"))
     assert exit_info.value.code != 0
-    assert "unknown loss 'ppo'" in capsys.readouterr().err
+    assert "invalid choice 'ppo' for argument '--loss'" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
