@@ -33,8 +33,9 @@ from torch import Tensor, nn
 
 @dataclass
 class ToyMoEConfig:
-    """The CPU prototype's dimensions (/work/shared/notes/cpu-prototype.md), which trained at ~9k tokens/s on
-    2 cores; with a 512-token vocabulary and tied embeddings: 3.48M parameters, ~1.1M active per token."""
+    """The dimensions of the project's CPU prototype, which trained at ~9k tokens/s on 2 cores (see
+    benchmarks/README.md for today's figure); with a 512-token vocabulary and tied embeddings: 3.48M
+    parameters, ~1.1M active per token."""
 
     vocab_size: int = 512  # V: token ids (the toy BPE has 512)
     d_model: int = 128  # D: width of the residual stream
