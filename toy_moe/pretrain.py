@@ -10,7 +10,9 @@ decay. Every `eval_every` steps, greedy decoding on a held-out slice of the exam
 appear in training) gives the exact-match accuracy `val/accuracy`.
 
 Outputs in out_dir: `model.pt` (what the RL loop loads, see `load_toy_checkpoint`), `checkpoints/last.ckpt`
-(for --resume), `logs/version_*/metrics.csv`.
+(for --resume), `logs/version_*/metrics.csv`, and from the command line `config.yaml` (the resolved flags;
+`--config FILE` runs them again, flags after it overriding the file). The console shows one progress bar in
+optimiser steps and a one-line result; --verbose adds Lightning's own messages.
 
 Examples:
     # 20k arithmetic examples from the RL tasks, then the default run (1-2 minutes on 2 CPU cores)
