@@ -37,7 +37,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from minirspo.config import RLConfig
-from minirspo.policy import make_tiny_hf_checkpoint
+from minirspo.testing import make_tiny_hf_checkpoint
 from minirspo.train import run
 
 hf_logging.disable_progress_bar()

@@ -10,7 +10,8 @@ resumes from its last checkpoint.
 Writes to --out: `runs/NAME/` (each run's metrics.csv, curves.png, checkpoints), one figure per metric
 (`reward_mean.png`, `accuracy.png`, ...: mean across seeds with a min–max band, one panel per lr) and
 `results.md` (final held-out accuracy mean ± std, steps to a reward threshold, collapse counts: runs whose
-smoothed reward, or whose held-out accuracy, ended below half of its peak).
+smoothed reward, or whose held-out accuracy, ended below half of its peak). Every run writes its resolved
+configuration to `runs/NAME/config.yaml`, as `python -m minirspo.train` does.
 
 Examples:
     python -m minirspo.compare                          # the CPU grid, about an hour on 2 cores
@@ -20,6 +21,7 @@ Examples:
     python -m minirspo.compare -- --task countdown      # arguments after -- go to every run
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -37,9 +39,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
-from minirspo.config import parse_config  # noqa: E402
+from minirspo.config import parse_config, validate  # noqa: E402
 from minirspo.report import read_metrics, smoothed  # noqa: E402
 from minirspo.warmstart import warm_start  # noqa: E402
+from toy_moe.entrypoint import UsageError, fail, quiet_console  # noqa: E402
 
 # What each variant adds to `python -m minirspo.train`; the paper's Countdown study and its baselines.
 VARIANTS = {
@@ -223,6 +226,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="train nothing: figures and table from the runs of the grid that already finished")
     args = parser.parse_args(ours)
     preset = PRESETS[args.preset]
+    try:  # the flags every run gets, checked once before any run starts (each run writes its config.yaml)
+        run_config = parse_config([*preset.train_args, *train_args], prog="python -m minirspo.compare --")
+        if not args.report_only:
+            validate(dataclasses.replace(run_config, resume=False))
+    except UsageError as error:
+        fail(error)
+    quiet_console(run_config.verbose)
     runs = [Run(v, lr, s) for v in args.variants or preset.variants for lr in args.lrs or preset.lrs
             for s in args.seeds or preset.seeds]
     train_args = [*preset.train_args, *train_args]
@@ -232,8 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         if not runs:
             raise SystemExit(f"--report-only: no finished run of this grid in {args.out / 'runs'}")
     else:
-        if "--model" not in train_args:  # pretrain once, before the runs race to do it in parallel
-            warm_start(parse_config(train_args))
+        if not run_config.model:  # pretrain once, before the runs race to do it in parallel
+            warm_start(run_config)
         launched = run_grid(runs, args.out, train_args, args.jobs)
     table = write_results(runs, args.out, args.reward_threshold)
     Console().print(table)

@@ -1,77 +1,167 @@
-"""Configuration of an RL run: one typed dataclass, every field a command-line flag of minirspo.train.
+"""Configuration of an RL run: one typed dataclass, every field a flag of `python -m minirspo.train`.
 
-Defaults are sized for the 2-core CPU prototype in shared/notes/cpu-prototype.md (a 3.4M-parameter toy
-MoE: ~1 s per RL step of 32 prompts × 8 responses) and cite where each value comes from.
+`RLConfig` is flat (`config.lr`, `config.n_prompts`) but assembled from sections — task, loss, rollouts,
+updates, run, scale, warm start — which `--help` shows as groups; each field's comment is its help.
+Defaults are sized for a 2-core CPU (a 3.4M-parameter toy MoE: about 1 s per RL step of 32 prompts × 8
+responses) and cite where each value comes from; the equations, symbols and the defaults' sources are in
+docs/rspo.md.
+
+`validate(config)` is the one place that refuses bad input, before any warm start or training begins: the
+values (in `RLConfig.__post_init__`, so a config built in Python is checked too) and then what lies outside
+the config: model files, the checkpoint --resume needs, accelerators. Each refusal is a UsageError whose one
+line names the flag, what was given and what is accepted.
 """
-import argparse
+from __future__ import annotations
+
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal, Sequence, get_args
 
-from minirspo.tasks import Task, make_task
-from toy_moe.cli import add_config_flags, config_from_flags
-from toy_moe.pretrain import PretrainConfig
+import tyro
 
-LOSS_NAMES = ("grpo", "gspo", "gmpo", "rspo")
-STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2")  # minirspo.distributed
-ROLLOUT_ENGINES = ("hf", "vllm")                # minirspo.policy.check_rollout_engine
+from minirspo.tasks import TASKS, Task, make_task
+from toy_moe.entrypoint import UsageError, parse_flags
+from toy_moe.pretrain import Accelerator, PretrainConfig, Precision, check_accelerator, name_flags
+
+TaskName = Literal["arithmetic", "countdown"]          # minirspo.tasks.TASKS
+LossName = Literal["grpo", "gspo", "gmpo", "rspo"]     # minirspo.loss
+Strategy = Literal["auto", "ddp", "fsdp", "fsdp2"]     # minirspo.distributed
+RolloutEngine = Literal["hf", "vllm"]                  # minirspo.policy.check_rollout_engine
+LOSS_NAMES, STRATEGIES, ROLLOUT_ENGINES = get_args(LossName), get_args(Strategy), get_args(RolloutEngine)
 
 
 @dataclass
-class RLConfig:
-    # --- what to train ---
-    task: str = "arithmetic"          # "arithmetic" (a+b=, learns in minutes on a CPU) or "countdown" (the paper's)
-    task_options: str = ""            # the task's knobs, e.g. "max_operand=9" or "n_numbers=4,ops=+-*/"
-    model: str = ""                   # "" = toy MoE warm-started here; "toy:PATH" = a toy_moe checkpoint;
-                                      # "hf:PATH" = a local Hugging Face MoE (Qwen2/3-MoE, OLMoE, Mixtral)
-    loss: str = "rspo"                # grpo | gspo | gmpo | rspo (= gmpo + router-shift weighting)
-    router_shift: bool = False        # RS weighting as a plug-in on grpo/gspo/gmpo (always on for rspo)
-    gamma_min: float | str = 0.8      # γ floor; 0.8 as in public RSPO implementations (RSPO.md); or "auto":
-    gamma_floor_share: float = 0.05   # ... then γ_min tracks this quantile of γ (share of tokens floored)
-    clip_low: float | None = None     # ε_low; None = the loss's own default (RSPO.md: 0.2 / 3e-4 / 0.4)
-    clip_high: float | None = None    # ε_high; None = the loss's own default (0.2 / 4e-4 / 0.4)
-    routing_replay: bool = False      # train forward reuses the rollout's experts (paper's replay baseline)
-    freeze_router: bool = False       # router weights get no gradient (paper's other stabiliser)
-    # The Switch load-balance loss fights the RL signal for the router and, being unrelated to reward,
-    # moves routing on its own: off during RL unless asked for (the paper's setting does not use it).
+class TaskSection:
+    """What to train: the task and the model."""
+
+    task: TaskName = "arithmetic"
+    """arithmetic: a+b= (learns in minutes on a CPU); countdown: reach a target with + - * / (the paper's)"""
+    task_options: str = ""
+    """the task's knobs, key=value,key=value: e.g. max_operand=9 (arithmetic) or n_numbers=4,ops=+-*/ (countdown)"""
+    model: str = ""
+    """empty: warm-start the toy MoE here; toy:FILE: a toy_moe model.pt; hf:DIR: a local Hugging Face MoE folder"""
+
+
+@dataclass
+class LossSection:
+    """The policy-gradient objective (docs/rspo.md)."""
+
+    loss: LossName = "rspo"
+    """grpo: token ratios; gspo: one sequence ratio; gmpo: their geometric mean; rspo: gmpo + router-shift weight"""
+    router_shift: bool = False
+    """router-shift weighting as a plug-in on grpo/gspo/gmpo (always on for rspo)"""
+    gamma_min: float | Literal["auto"] = 0.8
+    """γ floor in (0, 1]; 0.8 as in public RSPO implementations; auto: track --gamma-floor-share"""
+    gamma_floor_share: float = 0.05
+    """with --gamma-min auto, γ_min tracks this quantile of γ (the share of tokens floored), in (0, 1)"""
+    clip_low: float | None = None
+    """ε_low; None: the loss's own default (grpo 0.2, gspo 3e-4, gmpo and rspo 0.4)"""
+    clip_high: float | None = None
+    """ε_high; None: the loss's own default (grpo 0.2, gspo 4e-4, gmpo and rspo 0.4)"""
+    routing_replay: bool = False
+    """the training forward reuses the rollout's experts (the paper's routing-replay baseline)"""
+    freeze_router: bool = False
+    """router weights get no gradient (the paper's other stabiliser)"""
     aux_loss_coef: float = 0.0
-    kl_coef: float = 0.0              # KL-to-reference (k3) coefficient; RSPO.md's objectives have none
+    """Switch load-balance loss during RL; off as in the paper (it fights the reward for the router)"""
+    kl_coef: float = 0.0
+    """KL-to-reference (k3) coefficient; the paper's objectives have none"""
 
-    # --- rollouts: 32 prompts × G=8 (prototype); DeepSeekMath GRPO uses G=64 at scale ---
+
+@dataclass
+class RolloutSection:
+    """Rollouts: 32 prompts × G=8 responses per RL step (CPU prototype; DeepSeekMath's GRPO uses G=64 at scale)."""
+
     n_prompts: int = 32
+    """prompts per RL step (across all processes)"""
     group_size: int = 8
+    """G, responses per prompt; >= 2, since the group mean is the baseline"""
     max_new_tokens: int = 16
+    """response length limit, in tokens"""
     temperature: float = 1.0
+    """sampling temperature, >= 0 (0: greedy)"""
     top_p: float = 1.0
+    """nucleus sampling mass, in (0, 1]"""
 
-    # --- updates: 4 minibatches per rollout, so minibatches 2..4 are off-policy (where router shift lives) ---
-    minibatch_size: int = 64          # sequences per optimiser step; must divide n_prompts × group_size
+
+@dataclass
+class UpdateSection:
+    """Updates: 4 minibatches per rollout, so minibatches 2..4 are off-policy (where router shift lives)."""
+
+    minibatch_size: int = 64
+    """sequences per optimiser step; must divide n_prompts × group_size"""
     ppo_epochs: int = 1
-    lr: float = 2e-4                  # prototype: steady at 1e-4, unstable at 3e-4, collapse at 1e-3
-    warmup_steps: int = 8             # optimiser steps of linear warm-up (a fresh Adam jumps otherwise)
+    """passes over each rollout"""
+    lr: float = 2e-4
+    """AdamW learning rate (CPU prototype: steady at 1e-4, unstable at 3e-4, collapse at 1e-3)"""
+    warmup_steps: int = 8
+    """optimiser steps of linear warm-up (a fresh Adam jumps otherwise)"""
     weight_decay: float = 0.0
+    """AdamW weight decay"""
     max_grad_norm: float = 1.0
+    """global gradient-norm clip"""
 
-    # --- run ---
-    max_steps: int = 150              # RL steps (one rollout + its minibatch updates each)
-    eval_every: int = 10              # held-out greedy accuracy every this many steps (and at the end)
+
+@dataclass
+class RunSection:
+    """The run: length, evaluation, checkpoints, outputs, hardware."""
+
+    max_steps: int = 150
+    """RL steps (one rollout and its minibatch updates each)"""
+    eval_every: int = 10
+    """held-out greedy accuracy every this many RL steps (and at the last)"""
     eval_size: int = 200
+    """held-out problems per evaluation"""
     checkpoint_every: int = 25
+    """RL steps between checkpoints (OUT/checkpoints/last.ckpt; also written on Ctrl-C)"""
     seed: int = 0
+    """seeds prompts, sampling and the warm start's examples"""
     out: str = "runs/rspo"
-    resume: bool = False              # continue from OUT/checkpoints/last.ckpt
-    accelerator: str = "auto"
-    devices: int = 1                  # processes per node (one per GPU)
-    precision: str = "32-true"        # "bf16-mixed" on GPUs: bf16 compute, float32 master weights
+    """output folder: config.yaml, metrics.csv, curves.png, checkpoints/"""
+    resume: bool = False
+    """continue from OUT/checkpoints/last.ckpt (raise --max-steps to train further)"""
+    accelerator: Accelerator = "auto"
+    """Lightning accelerator"""
+    devices: int = 1
+    """processes per node (one per GPU)"""
+    precision: Precision = "32-true"
+    """Lightning precision; bf16-mixed on GPUs: bf16 compute, float32 master weights"""
+    verbose: bool = False
+    """also show Lightning's own messages and library warnings"""
 
-    # --- scale (minirspo.distributed; README "Scaling out") ---
-    strategy: str = "auto"            # auto | ddp | fsdp2 (fully_shard; GPUs, CPU/gloo); fsdp refuses (distributed)
+
+@dataclass
+class ScaleSection:
+    """Scaling out (minirspo.distributed; README "Scaling out")."""
+
+    strategy: Strategy = "auto"
+    """ddp; fsdp2: fully_shard (GPUs, or CPU over gloo); fsdp is refused (FSDP1 breaks on several backwards)"""
     num_nodes: int = 1
-    activation_checkpointing: bool = False  # recompute each decoder layer in backward: memory for ~1/3 more compute
-    rollout_engine: str = "hf"        # hf = the model's own generate with a KV cache; vllm is reserved
-    # LM-head tokens per log-prob chunk: float32 logits peak at chunk × V × 4 bytes (4096 × 32k vocab: 0.5 GB)
+    """machines"""
+    activation_checkpointing: bool = False
+    """recompute each decoder layer in backward: memory for about 1/3 more compute"""
+    rollout_engine: RolloutEngine = "hf"
+    """hf: the model's own generate with a KV cache; vllm is reserved"""
     logprob_chunk_tokens: int = 4096
+    """LM-head tokens per log-prob chunk: float32 logits peak at chunk × V × 4 bytes (4096 × 32k: 0.5 GB)"""
 
-    # --- warm start: supervised pretraining of the toy MoE on task text, cached in warmstart_dir ---
+
+@dataclass
+class WarmStartSection:
+    """Warm start: supervised pretraining of the toy MoE (--pretrain.*), cached; skipped when --model is given."""
+
     warmstart_dir: str = "runs/warmstart"
+    """cache of warm starts: one folder per task and pretrain config (config.yaml, model.pt)"""
+
+
+SECTIONS = {"task": TaskSection, "loss": LossSection, "rollouts": RolloutSection, "updates": UpdateSection,
+            "run": RunSection, "scale": ScaleSection, "warm_start": WarmStartSection}
+
+
+@dataclass
+class RLConfig(WarmStartSection, ScaleSection, RunSection, UpdateSection, RolloutSection, LossSection,
+               TaskSection):  # fields in reverse order of the bases: task first
     # 250 supervised steps, not pretrain's own 600: a start that is right on part of the problems (the
     # prototype started RL from 13.5%) leaves the RL run something to learn and a reward curve to show.
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(max_steps=250))
@@ -91,36 +181,148 @@ class RLConfig:
         return self.ppo_epochs * (self.n_prompts * self.group_size // self.minibatch_size)
 
     def __post_init__(self):
-        if any("=" not in option for option in self.task_options.split(",") if option.strip()):
-            raise ValueError(f"task_options must look like 'key=value,key=value', got {self.task_options!r}")
-        if self.loss not in LOSS_NAMES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {list(LOSS_NAMES)}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (GRPO needs a group baseline), got {self.group_size}")
-        batch = self.n_prompts * self.group_size
-        if self.minibatch_size < 1 or batch % self.minibatch_size:
-            raise ValueError(f"minibatch_size={self.minibatch_size} must divide n_prompts × group_size = {batch}")
-        if self.gamma_min != "auto" and not (isinstance(self.gamma_min, (int, float)) and 0.0 < self.gamma_min <= 1.0):
-            raise ValueError(f"gamma_min must be a number in (0, 1] or 'auto', got {self.gamma_min!r}")
-        if not 0.0 < self.gamma_floor_share < 1.0:
-            raise ValueError(f"gamma_floor_share must be in (0, 1), got {self.gamma_floor_share}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {list(STRATEGIES)}")
-        if self.rollout_engine not in ROLLOUT_ENGINES:
-            raise ValueError(f"unknown rollout_engine {self.rollout_engine!r}; choose one of {list(ROLLOUT_ENGINES)}")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "ppo_epochs", "max_new_tokens", "eval_size",
-                     "num_nodes", "devices", "logprob_chunk_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_values(self)
 
 
+# --- validation ----------------------------------------------------------------------------------------
+def refuse(flag: str, given, accepted: str):
+    raise UsageError(f"--{flag.replace('_', '-')}: got {given!r}; {accepted}")
 
-def parse_config(argv: list[str] | None, prog: str = "python -m minirspo.train", description: str = "") -> RLConfig:
-    """RLConfig from command-line flags; an invalid value exits with argparse's usage error."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, RLConfig)
+
+def check_values(config: RLConfig) -> None:
+    """The config's values on their own: choices, ranges, and how the sizes fit together."""
+    for name, choices in (("task", TASKS), ("loss", LOSS_NAMES), ("strategy", STRATEGIES),
+                          ("rollout_engine", ROLLOUT_ENGINES)):
+        if getattr(config, name) not in choices:
+            refuse(name, getattr(config, name), f"choose one of {', '.join(choices)}")
+    for name in ("n_prompts", "max_new_tokens", "minibatch_size", "ppo_epochs", "max_steps", "eval_every",
+                 "eval_size", "checkpoint_every", "devices", "num_nodes", "logprob_chunk_tokens"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
+            refuse(name, getattr(config, name), "expected a whole number >= 1")
+    for name in ("warmup_steps", "seed"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 0:
+            refuse(name, getattr(config, name), "expected a whole number >= 0")
+    if not isinstance(config.group_size, int) or config.group_size < 2:
+        refuse("group_size", config.group_size, "expected a whole number >= 2 (GRPO's baseline is the group mean)")
+    batch = config.n_prompts * config.group_size
+    if batch % config.minibatch_size:
+        refuse("minibatch_size", config.minibatch_size,
+               f"it must divide n_prompts × group_size = {config.n_prompts} × {config.group_size} = {batch}")
+    if not config.lr > 0:
+        refuse("lr", config.lr, "expected a learning rate > 0")
+    if not config.temperature >= 0:
+        refuse("temperature", config.temperature, "expected a number >= 0 (0: greedy)")
+    if not 0 < config.top_p <= 1:
+        refuse("top_p", config.top_p, "expected a number in (0, 1]")
+    for name in ("weight_decay", "aux_loss_coef", "kl_coef"):
+        if not getattr(config, name) >= 0:
+            refuse(name, getattr(config, name), "expected a number >= 0")
+    if not config.max_grad_norm > 0:
+        refuse("max_grad_norm", config.max_grad_norm, "expected a number > 0")
+    for name in ("clip_low", "clip_high"):
+        if getattr(config, name) is not None and not getattr(config, name) > 0:
+            refuse(name, getattr(config, name), "expected a number > 0, or None for the loss's default")
+    if config.gamma_min != "auto" and not (isinstance(config.gamma_min, (int, float)) and 0 < config.gamma_min <= 1):
+        refuse("gamma_min", config.gamma_min, "expected a number in (0, 1] or auto")
+    if not 0 < config.gamma_floor_share < 1:
+        refuse("gamma_floor_share", config.gamma_floor_share, "expected a number in (0, 1)")
+    options = [option for option in config.task_options.split(",") if option.strip()]
+    if any("=" not in option for option in options):
+        refuse("task_options", config.task_options, "expected key=value,key=value")
+    knobs = [knob.name for knob in dataclasses.fields(TASKS[config.task])]
+    unknown = [key for key in (option.split("=", 1)[0].strip() for option in options) if key not in knobs]
+    if unknown:
+        refuse("task_options", config.task_options, f"the {config.task} task has no knob {', '.join(unknown)}; "
+                                                    f"its knobs are {', '.join(knobs)}")
     try:
-        return config_from_flags(RLConfig, vars(parser.parse_args(argv)))
-    except ValueError as error:
-        parser.error(str(error))
+        config.build_task()
+    except (TypeError, ValueError) as error:
+        refuse("task_options", config.task_options, str(error))
+
+
+def validate(config: RLConfig) -> None:
+    """Everything `python -m minirspo.train` can check before it starts: the values, then the model file or
+    folder, --resume's checkpoint, the output folders and the accelerator. Raises UsageError."""
+    check_values(config)
+    for name in ("out", "warmstart_dir"):
+        if Path(getattr(config, name)).exists() and not Path(getattr(config, name)).is_dir():
+            refuse(name, getattr(config, name), "expected a folder, but it is a file")
+    check_accelerator(config.accelerator, "accelerator")
+    if not config.model:
+        check_accelerator(config.pretrain.accelerator, "pretrain.accelerator")
+    if config.resume and not (Path(config.out) / "checkpoints" / "last.ckpt").is_file():
+        raise UsageError(f"--resume: no checkpoint at {Path(config.out) / 'checkpoints' / 'last.ckpt'} to continue "
+                         "from; start without --resume, or give the --out of an earlier run")
+    if config.model:
+        check_model(config.model)
+    from minirspo.policy import check_rollout_engine
+    try:
+        check_rollout_engine(config.rollout_engine, config.model.partition(":")[0] or "toy")
+    except (ValueError, ModuleNotFoundError) as error:
+        refuse("rollout_engine", config.rollout_engine, str(error))
+
+
+def check_model(spec: str) -> None:
+    """--model toy:FILE must load as a toy_moe checkpoint; hf:DIR must be a folder with a config.json."""
+    kind, _, path = spec.partition(":")
+    if kind not in ("toy", "hf") or not path:
+        refuse("model", spec, "expected toy:FILE (a toy_moe checkpoint), hf:DIR (a Hugging Face model folder) "
+                              "or nothing (warm-start the toy MoE here)")
+    path = Path(path)
+    if not path.exists():
+        refuse("model", spec, f"{path} does not exist")
+    if kind == "hf":
+        if not path.is_dir():
+            refuse("model", spec, f"{path} is not a folder; hf: takes a Hugging Face model folder")
+        if not (path / "config.json").is_file():
+            refuse("model", spec, f"{path} has no config.json; hf: takes a Hugging Face model folder")
+        return
+    if not path.is_file():
+        refuse("model", spec, f"{path} is a folder; toy: takes a model.pt file from toy_moe.pretrain")
+    if path.stat().st_size == 0:
+        refuse("model", spec, f"{path} is empty; toy: takes a model.pt file from toy_moe.pretrain")
+    from toy_moe.pretrain import load_toy_checkpoint
+    try:
+        load_toy_checkpoint(path)
+    except Exception as error:  # any failure to unpickle or to fit the model means "not a toy checkpoint"
+        refuse("model", spec, f"{path} is not a toy_moe checkpoint ({type(error).__name__}); toy: takes a "
+                              "model.pt file from toy_moe.pretrain")
+
+
+# --- the command line ----------------------------------------------------------------------------------
+OmitPrefix = tyro.conf.OmitArgPrefixes
+
+
+@dataclass
+class Flags:
+    """RLConfig as `--help` shows it: one group per section, flags without a section prefix."""
+
+    task: Annotated[TaskSection, OmitPrefix]
+    loss: Annotated[LossSection, OmitPrefix]
+    rollouts: Annotated[RolloutSection, OmitPrefix]
+    updates: Annotated[UpdateSection, OmitPrefix]
+    run: Annotated[RunSection, OmitPrefix]
+    scale: Annotated[ScaleSection, OmitPrefix]
+    warm_start: Annotated[WarmStartSection, OmitPrefix]
+    pretrain: PretrainConfig
+    config: Path | None = None
+    """a config.yaml written by an earlier run: its values, with the flags after --config overriding them"""
+
+    @classmethod
+    def of(cls, config: RLConfig) -> Flags:
+        sections = {name: section(**{f.name: getattr(config, f.name) for f in dataclasses.fields(section)})
+                    for name, section in SECTIONS.items()}
+        return cls(**sections, pretrain=config.pretrain)
+
+    def to_config(self) -> RLConfig:
+        values = {f.name: getattr(getattr(self, name), f.name)
+                  for name, section in SECTIONS.items() for f in dataclasses.fields(section)}
+        return RLConfig(**values, pretrain=self.pretrain)
+
+
+def parse_config(argv: Sequence[str] | None, prog: str = "python -m minirspo.train", description: str = "") -> RLConfig:
+    """RLConfig from command-line flags (and `--config FILE`); bad values raise UsageError naming the flag."""
+    try:
+        return parse_flags(Flags, argv, prog=prog, description=description, default=Flags.of(RLConfig())).to_config()
+    except UsageError as error:
+        raise UsageError(name_flags(str(error), prefix="pretrain.")) from None

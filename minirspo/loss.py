@@ -5,7 +5,7 @@ per token it measures how far the router moved on the experts the *old* policy a
 into a weight γ in (0, 1], stops its gradient, floors it at γ_min and multiplies it into the importance
 ratio before clipping. RS is a plug-in: every loss here takes `router_shift=` (None = RS off).
 
-The equations are `shared/RSPO.md`, restated next to the code that implements them:
+The equations, notation and defaults with their sources are in docs/rspo.md; in brief:
 
     log w_t   = log π_θ(y_t) − log π_old(y_t)                                     token ratio
     γ_t       = exp(−(1/L) Σ_ℓ (1/K) Σ_k |log p_θ^ℓ(e_k) − log p_old^ℓ(e_k)|)      router shift
@@ -18,7 +18,7 @@ The equations are `shared/RSPO.md`, restated next to the code that implements th
 Notation: B sequences (groups of G contiguous responses), T tokens, L MoE layers, E experts per layer,
 K experts activated per token. Only torch is imported: the loss knows nothing about models.
 
-Where the code departs from the letter of RSPO.md, and why:
+Where the code departs from the paper's letter, and why (docs/rspo.md lists these and the loop's own):
 - All clips are written one-sided, by the sign of Â: min(xÂ, clip(x)Â) = Â·min(x, hi) when Â > 0 and
   Â·max(x, lo) when Â < 0. Values are identical; the one-sided form makes "the clip changed the
   objective" (the clip-fraction metrics) a plain comparison, and at the exact boundary x == hi the
@@ -39,7 +39,7 @@ from torch import Tensor
 
 class LossOutput(NamedTuple):
     loss: Tensor                # scalar, −J: minimise it
-    metrics: dict[str, Tensor]  # detached float32 scalars
+    metrics: dict[str, Tensor]  # detached float32 scalars: clip_frac_low/high, ratio_mean, approx_kl
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,10 +125,14 @@ def router_logprobs_at(router_logits: Tensor, topk_idx: Tensor) -> Tensor:
 
 @torch.no_grad()
 def router_shift_metrics(gamma: Tensor, mask: Tensor, gamma_min: float) -> dict[str, Tensor]:
-    """γ over valid tokens: mean, min and the share below the floor (`gamma_floored_frac`)."""
+    """γ over valid tokens: mean, min and the share below the floor (`gamma_floored_frac`).
+
+    The losses do not call this: the caller that computed γ does, once per minibatch (the RL loop logs γ
+    for every loss, RS on or off), so the loss call stays as cheap as GMPO's.
+    """
     weight = mask.float()                                                          # (B, T)
     gamma = gamma.float()
-    # one matrix-vector product for both sums: the RS metrics are per-call overhead of RSPO over GMPO
+    # one matrix-vector product for both weighted sums
     stacked = torch.stack([gamma, (gamma < gamma_min).float()]).flatten(1)        # (2, B·T)
     mean, floored = (stacked @ weight.flatten()) / weight.sum().clamp(min=1)
     return {"gamma_mean": mean, "gamma_floored_frac": floored,
@@ -232,11 +236,10 @@ class _Batch(NamedTuple):
     log_ratio: Tensor   # (B, T) log w, 0 at padding
     shifted: Tensor     # (B, T) log w̃ = log w + log sg[max(γ, γ_min)]
     advantages: Tensor  # (B,) float32
-    metrics: dict[str, Tensor]
 
 
 def _prepare(logprobs, old_logprobs, advantages, mask, router_shift, gamma_min) -> _Batch:
-    """Validate the inputs and compute what every loss shares: log w, log w̃ and the γ metrics."""
+    """Validate the inputs and compute what every loss shares: log w and log w̃."""
     if logprobs.ndim != 2:
         raise ValueError(f"logprobs must be (B, T), got shape {tuple(logprobs.shape)}")
     if not logprobs.is_floating_point():
@@ -253,15 +256,14 @@ def _prepare(logprobs, old_logprobs, advantages, mask, router_shift, gamma_min) 
     weight = mask.float()                                                          # (B, T)
     n_valid = weight.sum().clamp(min=1)
     log_ratio = torch.where(mask, logprobs.float() - old_logprobs.float(), 0.0)   # (B, T)
-    shifted, metrics = log_ratio, {}
+    shifted = log_ratio
     if router_shift is not None:
         if tuple(router_shift.shape) != shape:
             raise ValueError(f"router_shift must be (B, T) = {shape}, got {tuple(router_shift.shape)}")
-        gamma = router_shift.detach().float()                                      # sg[γ]
-        # Padding needs no masking here: log max(γ, γ_min) is finite and every reader of log w̃ weights it.
-        shifted = log_ratio + gamma.clamp(min=gamma_min).log()
-        metrics = router_shift_metrics(gamma, weight, gamma_min)
-    return _Batch(weight, n_valid, log_ratio, shifted, advantages.float(), metrics)
+        # sg[γ]; padding needs no masking: log max(γ, γ_min) is finite and every reader of log w̃ weights it.
+        # (In place on clamp's fresh copy: the RS path is three element-wise kernels, the whole price of RS.)
+        shifted = log_ratio + router_shift.detach().float().clamp(min=gamma_min).log_()  # (B, T)
+    return _Batch(weight, n_valid, log_ratio, shifted, advantages.float())
 
 
 def _as_bool_mask(mask: Tensor, shape: tuple, name: str) -> Tensor:
@@ -305,7 +307,7 @@ def _output(objective: Tensor, batch: _Batch, ratio: Tensor, clip_counts: dict[s
     with torch.no_grad():
         ratio_weight = batch.weight if ratio_weight is None else ratio_weight
         k3 = torch.expm1(batch.log_ratio) - batch.log_ratio                       # (w − 1) − log w
-        metrics = batch.metrics | clip_counts | {
+        metrics = clip_counts | {
             "ratio_mean": _weighted_sum(ratio, ratio_weight) / ratio_weight.sum().clamp(min=1),
             "approx_kl": _weighted_sum(k3, batch.weight) / batch.n_valid}
     return LossOutput(-objective, metrics)

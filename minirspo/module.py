@@ -185,8 +185,9 @@ class RLModule(L.LightningModule):
         if cfg.gamma_min == "auto" and gamma is not None:
             self.adapt_gamma_floor(gamma, mb.mask)
         weight = mb.mask.float()
-        # γ statistics come from router_metrics for every loss, RS on or off, so runs compare on one footing
-        return metrics | {name: value for name, value in out.metrics.items() if not name.startswith("gamma")} | {
+        # γ statistics come from router_metrics (computed once, here) for every loss, RS on or off, so runs
+        # compare on one footing; the loss itself returns only its own metrics
+        return metrics | out.metrics | {
             "clip_frac": out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"],
             "entropy": (scores.entropy * weight).sum() / weight.sum().clamp(min=1),
             "grad_norm": grad_norm.detach().float(),

@@ -3,6 +3,7 @@
 With no arguments it warm-starts the toy MoE on the arithmetic task (a supervised run of about a minute,
 cached under --warmstart-dir), then runs RSPO on it for --max-steps RL steps, all on the CPU in about
 10 minutes, and ends with a summary table. Everything goes to --out:
+    config.yaml      the resolved configuration (--config FILE reruns it)
     metrics.csv      one row per RL step (accuracy on evaluation steps), also TensorBoard when installed
     curves.png       reward, accuracy, entropy, γ, routing consistency and clip fraction against step
     checkpoints/     last.ckpt (every --checkpoint-every steps and on Ctrl-C) for --resume
@@ -19,25 +20,33 @@ Examples:
     python -m minirspo.train --accelerator gpu --precision bf16-mixed --n-prompts 128
     python -m minirspo.train --model hf:PATH --accelerator gpu --precision bf16-mixed   # a local HF MoE
     python -m minirspo.train --model hf:PATH --strategy fsdp2 --devices 8 --precision bf16-mixed  # README
+    python -m minirspo.train --config runs/rspo/config.yaml --seed 1   # a run again, one flag changed
+
+The console shows the warm start (its own progress bar and one-line result), then one bar in RL steps
+(k/N, with reward, held-out accuracy and γ) and the summary table; --verbose adds Lightning's own messages.
+Every run writes its resolved configuration to OUT/config.yaml; --config FILE runs it again, and flags
+after --config override the file. Bad input is refused in one line before anything starts.
 """
 import signal
-import sys
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from torch.utils.data import DataLoader, IterableDataset
 
-from minirspo.config import RLConfig, parse_config
+from minirspo.config import RLConfig, parse_config, validate
 from minirspo.distributed import build_strategy
 from minirspo.module import RLModule
 from minirspo.policy import load_policy
 from minirspo.report import merge_metrics, plot_curves, read_metrics, summary_table
 from minirspo.warmstart import warm_start
+from toy_moe.entrypoint import StepProgressBar, UsageError, fail, quiet_console, write_config
+
 
 class _Ticks(IterableDataset):
     """The RL loop makes its own data; Lightning only needs something to iterate until max_steps."""
@@ -45,6 +54,38 @@ class _Ticks(IterableDataset):
     def __iter__(self):
         while True:
             yield 0
+
+
+class LatestMetrics(Logger):
+    """Keeps the latest value of every metric the RL loop logs (held-out accuracy only comes every
+    --eval-every steps), for the progress bar."""
+
+    def __init__(self):
+        super().__init__()
+        self.latest: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return "latest"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.latest.update(metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def rl_progress_bar(config: RLConfig, latest: LatestMetrics) -> StepProgressBar:
+    """One bar in RL steps: one RL step makes `updates_per_step` optimiser steps (trainer.global_step)."""
+    def shown(trainer) -> dict[str, str]:
+        names = {"reward_mean": "reward", "accuracy": "acc", "gamma_mean": "γ"}
+        return {label: f"{latest.latest[name]:.3f}" for name, label in names.items() if name in latest.latest}
+    return StepProgressBar("RL", config.max_steps, lambda trainer: trainer.global_step // config.updates_per_step,
+                           shown)
 
 
 class StopOnInterrupt(Callback):
@@ -74,21 +115,29 @@ class StopOnInterrupt(Callback):
 
 
 def run(config: RLConfig) -> Path:
-    """Train with `config`; return the path of metrics.csv."""
+    """Check `config` (UsageError on bad input), train with it, and return the path of metrics.csv."""
+    validate(config)
     out = Path(config.out)
     checkpoint = out / "checkpoints" / "last.ckpt"
-    if config.resume and not checkpoint.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+    console = Console(soft_wrap=True, quiet=rank_zero_only.rank != 0)  # one process speaks (torchrun, srun)
+    if rank_zero_only.rank == 0:
+        write_config(config, out / "config.yaml", rerun="python -m minirspo.train")
     policy = load_policy(config.model or f"toy:{warm_start(config)}", rollout_engine=config.rollout_engine,
                          logprob_chunk_tokens=config.logprob_chunk_tokens)
     module = RLModule(policy, config)
-    if config.aux_loss_coef == 0 and policy.is_moe:
-        Console().print("router load-balance loss is off during RL (--aux-loss-coef 0)")
+    title = f"{config.loss}{' + RS' if config.router_shift and config.loss != 'rspo' else ''} on {config.task}"
+    done = (torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+            // config.updates_per_step if config.resume else 0)
+    console.print(f"[bold]RL:[/] {title}, steps {done + 1}..{config.max_steps} (each: {config.n_prompts} prompts × "
+                  f"{config.group_size} responses, {config.updates_per_step} optimiser steps) -> {out}")
+    if config.verbose and config.aux_loss_coef == 0 and policy.is_moe:
+        console.print("router load-balance loss is off during RL (--aux-loss-coef 0)")
 
     metrics_path, earlier_metrics = out / "metrics.csv", out / "metrics.before-resume.csv"
     if config.resume and metrics_path.is_file():
         metrics_path.replace(earlier_metrics)  # CSVLogger would delete it; merged back after fit
-    loggers = [CSVLogger(out, name="", version="", flush_logs_every_n_steps=1)]  # metrics.csv is live
+    latest = LatestMetrics()
+    loggers = [CSVLogger(out, name="", version="", flush_logs_every_n_steps=1), latest]  # metrics.csv is live
     try:
         loggers.append(TensorBoardLogger(out, name="tensorboard", version=""))
     except ModuleNotFoundError:
@@ -100,33 +149,36 @@ def run(config: RLConfig) -> Path:
         max_steps=config.max_steps * updates, logger=loggers, enable_model_summary=False,
         callbacks=[ModelCheckpoint(dirpath=checkpoint.parent, every_n_train_steps=config.checkpoint_every * updates,
                                    save_last=True, save_top_k=0),
-                   StopOnInterrupt(checkpoint), RichProgressBar()],
+                   StopOnInterrupt(checkpoint), rl_progress_bar(config, latest)],
         default_root_dir=out)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
         # checkpoints are taken after a whole RL step, which is the state a resume needs
         warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
-        trainer.fit(module, DataLoader(_Ticks(), batch_size=None),
-                    ckpt_path=checkpoint if config.resume else None)
+        trainer.fit(module, DataLoader(_Ticks(), batch_size=None), ckpt_path=checkpoint if config.resume else None)
     if trainer.is_global_zero:
         if earlier_metrics.is_file():
             merge_metrics(earlier_metrics, metrics_path)
         metrics = read_metrics(metrics_path)
-        title = f"{config.loss}{' + RS' if config.router_shift and config.loss != 'rspo' else ''} on {config.task}"
         plot_curves(metrics, out / "curves.png", title=title)
-        Console().print(summary_table(metrics, title=f"{title}: {out}"))
+        console.print(summary_table(metrics, title=f"{title}: {out}"))
     return metrics_path
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, description=__doc__)
+    """Parse and check every flag and file first (one line and exit 2 on bad input), then train."""
+    try:
+        config = parse_config(argv, description=__doc__)
+        quiet_console(config.verbose)
+        validate(config)
+    except UsageError as error:
+        fail(error)
     torch.set_float32_matmul_precision("high")
     try:
         run(config)
-    except (FileNotFoundError, ValueError) as error:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {error}")  # paths stay on one line
-        sys.exit(2)
+    except (FileNotFoundError, ValueError) as error:  # found only once work began: still one line
+        fail(error)
 
 
 if __name__ == "__main__":

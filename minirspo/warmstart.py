@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from minirspo.config import RLConfig
+from toy_moe.entrypoint import write_config
 from toy_moe.pretrain import pretrain
 
 WARM_START_EXAMPLES = 20_000  # (prompt, answer) pairs drawn from the task's train split
@@ -22,9 +23,15 @@ def warm_start(config: RLConfig) -> Path:
     settings = json.dumps({"task": config.task, "task_options": config.task_options,
                            **dataclasses.asdict(config.pretrain)}, sort_keys=True)
     out_dir = Path(config.warmstart_dir) / f"{config.task}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
-    if not (out_dir / "model.pt").is_file():
-        Console().print(f"[bold]warm start:[/] no checkpoint in {out_dir}, pretraining the toy MoE on "
-                        f"{config.task} first")
+    if (out_dir / "model.pt").is_file():
+        Console(soft_wrap=True).print(f"[bold]warm start:[/] {out_dir / 'model.pt'} (trained earlier with these "
+                                      "settings)")
+    else:
+        Console(soft_wrap=True).print(f"[bold]warm start:[/] supervised pretraining of the toy MoE on {config.task}, "
+                                      f"{config.pretrain.max_steps} steps -> {out_dir}")
+        settings_only = {"task": config.task, "task_options": config.task_options, "seed": config.seed,
+                         "warmstart_dir": config.warmstart_dir, "pretrain": config.pretrain}
+        write_config(settings_only, out_dir / "config.yaml", rerun="python -m minirspo.train")
         problems = config.build_task().sample(WARM_START_EXAMPLES, seed=config.seed, split="train")
         pretrain([(p.prompt, p.answer) for p in problems], config.pretrain, out_dir)
     return out_dir / "model.pt"

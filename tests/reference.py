@@ -1,8 +1,8 @@
-"""Naive float64 references for minirspo.loss, written from /work/shared/RSPO.md and not from loss.py.
+"""Naive float64 references for minirspo.loss, written from docs/rspo.md and not from loss.py.
 
 Every quantity is built from 0-d float64 tensors (or Python floats where no gradient is needed) with
 explicit Python loops over sequences i, tokens t, MoE layers l and activated experts k, so that each line
-can be checked against an equation of RSPO.md by eye and torch.autograd gives reference gradients.
+can be checked against an equation of docs/rspo.md by eye and torch.autograd gives reference gradients.
 Slow by design: tiny inputs only.
 
 Notation: B batch (sequences), T tokens, E experts, K top-k, L MoE layers, G group size.
@@ -17,7 +17,7 @@ from torch import Tensor
 # Clip ranges (clip_low, clip_high): GRPO/PPO 0.2 (arXiv 2402.03300); GSPO 3e-4/4e-4 (arXiv 2507.18071);
 # GMPO 0.4 in log space (arXiv 2507.20673), which RSPO (arXiv 2510.23027) inherits.
 DEFAULT_CLIPS = {"grpo": (0.2, 0.2), "gspo": (3e-4, 4e-4), "gmpo": (0.4, 0.4), "rspo": (0.4, 0.4)}
-DEFAULT_GAMMA_MIN = 0.8  # RSPO.md: the floor of public implementations of RSPO
+DEFAULT_GAMMA_MIN = 0.8  # docs/rspo.md: the floor of public implementations of RSPO
 
 
 def group_advantages_ref(rewards: list[float], group_size: int, normalize_std: bool = True, eps: float = 1e-6) -> list[float]:
@@ -108,7 +108,7 @@ def gspo_terms_ref(log_ratios: list[list[Tensor]], advantages: list[float], clip
 
 
 def gmpo_terms_ref(log_ratios: list[list[Tensor]], advantages: list[float], clip_low: float, clip_high: float) -> list[Tensor]:
-    """sgn(A_i) prod_t |min(w~ A_i, clip(w~, e^-clip_low, e^clip_high) A_i)|^(1/|y_i|): RSPO.md's first GMPO form."""
+    """sgn(A_i) prod_t |min(w~ A_i, clip(w~, e^-clip_low, e^clip_high) A_i)|^(1/|y_i|): docs/rspo.md's first GMPO form."""
     terms = []
     for row, advantage in zip(log_ratios, advantages):
         # A_i = 0 makes every factor 0; the product form's term is then 0 (and its |.|^(1/n) has no gradient there).
@@ -196,7 +196,7 @@ def metrics_ref(
     clip_high: float | None = None,
     gamma_min: float = DEFAULT_GAMMA_MIN,
 ) -> dict[str, float]:
-    """RSPO.md "Metrics" for a batch with >= 1 valid token, every A_i != 0 and (GSPO) every sequence non-empty.
+    """docs/rspo.md "Metrics" for a batch with >= 1 valid token, every A_i != 0 and (GSPO) every sequence non-empty.
 
     A clip counts where it is active and changes the objective: the upper bound when A_i > 0 and the ratio is
     above it, the lower bound when A_i < 0 and the ratio is below it (GMPO: the log-ratio against -clip_low,
@@ -218,12 +218,14 @@ def metrics_ref(
         "ratio_mean": math.fsum(math.exp(point) for row in points for point in row) / n_points,
         "approx_kl": math.fsum(math.expm1(log_ratio) - log_ratio for row in plain for log_ratio in row) / sum(map(len, plain)),
     }
-    if router_shift is not None:
-        gammas = [float(router_shift[i, t]) for i in range(mask.shape[0]) for t in range(mask.shape[1]) if bool(mask[i, t])]
-        metrics["gamma_mean"] = math.fsum(gammas) / len(gammas)
-        metrics["gamma_min"] = min(gammas)
-        metrics["gamma_floored_frac"] = sum(gamma < gamma_min for gamma in gammas) / len(gammas)
     return metrics
+
+
+def router_shift_metrics_ref(gamma: Tensor, mask: Tensor, gamma_min: float) -> dict[str, float]:
+    """docs/rspo.md "Metrics": γ over valid tokens (at least one): mean, min, share floored (γ < γ_min)."""
+    gammas = [float(gamma[i, t]) for i in range(mask.shape[0]) for t in range(mask.shape[1]) if bool(mask[i, t])]
+    return {"gamma_mean": math.fsum(gammas) / len(gammas), "gamma_min": min(gammas),
+            "gamma_floored_frac": sum(value < gamma_min for value in gammas) / len(gammas)}
 
 
 def routing_consistency_ref(router_logits: Tensor, old_topk_idx: Tensor, mask: Tensor) -> float:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minirspo.compare import main, run_summary
+from minirspo.config import parse_config
 from minirspo.report import read_metrics, smoothed
 from toy_moe.model import ToyMoE, ToyMoEConfig
 from toy_moe.pretrain import save_toy_checkpoint
@@ -32,6 +33,10 @@ def test_grid_writes_every_run_figure_and_table(grid):
     for run in runs:
         assert (out / "runs" / run / "done.json").is_file()
         assert read_metrics(out / "runs" / run / "metrics.csv")["step"] == [0.0, 1.0, 2.0]
+        # each run writes its resolved config as `python -m minirspo.train` does, and it reruns the run
+        config = parse_config(["--config", str(out / "runs" / run / "config.yaml")])
+        assert (config.loss, config.lr, config.seed, config.max_steps, config.out) == (
+            run.split("-")[0], 1e-3, 0, 3, str(out / "runs" / run))
     for metric in ("reward_mean", "accuracy", "entropy", "routing_consistency", "gamma_mean", "clip_frac"):
         assert (out / f"{metric}.png").stat().st_size > 5_000
 
@@ -64,6 +69,14 @@ def test_report_only_uses_the_finished_runs_and_trains_nothing(grid, capsys):
     assert "0 runs trained" in capsys.readouterr().out and (out / "results.md").is_file()
     with pytest.raises(SystemExit, match="no finished run"):
         main(["--report-only", "--preset", "smoke", "--out", str(out / "empty")])
+
+
+def test_bad_run_flags_are_refused_before_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "smoke", "--out", str(tmp_path / "out"), "--", "--n-prompts", "0"])
+    errors = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(errors) == 1 and "--n-prompts" in errors[0], errors
+    assert not (tmp_path / "out").exists()
 
 
 def test_collapse_and_threshold_are_read_off_the_smoothed_reward():

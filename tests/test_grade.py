@@ -1,16 +1,21 @@
 """The autograder: untouched student files score 0, the reference and an independent solution score full marks,
 and each planted common mistake loses exactly the points of the property it breaks.
 
-The independent solutions below are written from shared/RSPO.md and the student files' docstrings, not from
+The independent solutions below are written from RSPO's equations and the student files' docstrings, not from
 the package (float64 and a per-expert loop where the package uses float32 and a sort), so full marks also
 show that the grader's tolerances accept a different, correct implementation.
 """
 import csv
+import json
+import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from minirspo import grade
+from minirspo.course import assignments, grade
 
 ROUTER_SHIFT_SOLUTION = '''
 import torch
@@ -107,23 +112,23 @@ def earned(report):
     return {score.name: score.earned for score in report.scores}
 
 
-@pytest.mark.parametrize("assignment", sorted(grade.ASSIGNMENTS))
+@pytest.mark.parametrize("assignment", sorted(assignments.ASSIGNMENTS))
 def test_untouched_student_file_scores_zero(assignment):
-    report = grade.grade(assignment, grade.ASSIGNMENTS_DIR / grade.ASSIGNMENTS[assignment].student_file)
+    report = grade.grade(assignment, assignments.ASSIGNMENTS_DIR / assignments.ASSIGNMENTS[assignment].student_file)
     assert report.problem is None
     assert report.total == 0
     assert all(score.failure.startswith("not implemented yet") for score in report.scores)
 
 
-@pytest.mark.parametrize("assignment", sorted(grade.ASSIGNMENTS))
+@pytest.mark.parametrize("assignment", sorted(assignments.ASSIGNMENTS))
 def test_the_package_itself_scores_full_marks(assignment):
-    root = grade.ASSIGNMENTS_DIR.parent.parent
+    root = assignments.ASSIGNMENTS_DIR.parent.parent
     report = grade.grade(assignment, root / REFERENCE_FILES[assignment])
     assert [score.failure for score in report.scores] == [None] * len(report.scores)
     assert report.total == report.max_total == sum(POINTS[assignment].values())
 
 
-@pytest.mark.parametrize("assignment", sorted(grade.ASSIGNMENTS))
+@pytest.mark.parametrize("assignment", sorted(assignments.ASSIGNMENTS))
 def test_independent_solution_scores_full_marks(assignment, tmp_path):
     report = grade.grade(assignment, write_submission(tmp_path, assignment, SOLUTIONS[assignment]))
     assert [score.failure for score in report.scores] == [None] * len(report.scores)
@@ -141,10 +146,10 @@ def test_planted_mistake_loses_exactly_its_property(assignment, mistake, broken,
     # the counterexample rebuilds inputs on which the mistake and the reference really disagree
     failure = next(score.failure for score in report.scores if score.name == broken)
     call = re.search(r"inputs = (example_inputs\(.*\))", failure).group(1)
-    inputs = eval(call, {"example_inputs": grade.example_inputs})
-    prop = next(prop for prop in grade.ASSIGNMENTS[assignment].properties if prop.name == broken)
-    with pytest.raises(grade.Mismatch):
-        prop.check(grade.load_submission(grade.ASSIGNMENTS[assignment], path), inputs)
+    inputs = eval(call, {"example_inputs": assignments.example_inputs})
+    prop = next(prop for prop in assignments.ASSIGNMENTS[assignment].properties if prop.name == broken)
+    with pytest.raises(assignments.Mismatch):
+        prop.check(grade.load_submission(assignments.ASSIGNMENTS[assignment], path), inputs)
 
 
 def test_failure_shows_only_the_submissions_own_frames(tmp_path):
@@ -192,7 +197,7 @@ def test_points_file_sets_the_values_and_rejects_unknown_properties(tmp_path):
 
     points["rspo_loss"]["stop gradient"] = points["rspo_loss"].pop("stop-gradient")
     bad = tmp_path / "points.json"
-    bad.write_text(grade.json.dumps(points))
+    bad.write_text(json.dumps(points))
     with pytest.raises(ValueError, match=r"missing \['stop-gradient'\], unknown \['stop gradient'\]"):
         grade.load_points(bad)
 
@@ -221,6 +226,113 @@ def test_cli_prints_the_score_table_and_help(tmp_path, capsys):
     full = sum(POINTS["rspo_loss"].values())
     assert re.search(rf"total\s.*\s{full - POINTS['rspo_loss']['gamma floor']:g} / {full:g}", out)
     assert "reproduce:" in out and "example_inputs('rspo_loss', 'gamma floor'" in out
+    # the short entry point, as users type it
+    result = subprocess.run([sys.executable, "-m", "minirspo.grade", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "python -m minirspo.grade rspo_loss --submissions hand-ins/ --csv grades.csv" in result.stdout
+    assert "--gradescope RESULTS_JSON" in result.stdout
+
+
+# Gradescope's autograder results format (gradescope-autograders.readthedocs.io, "Autograder Specifications"):
+# every key it defines at each level, the values its enumerated fields take, and the fields we promise to fill.
+GRADESCOPE_TOP_KEYS = {"score", "execution_time", "output", "output_format", "test_output_format", "test_name_format",
+                       "visibility", "stdout_visibility", "extra_data", "tests", "leaderboard"}
+GRADESCOPE_TEST_KEYS = {"score", "max_score", "status", "name", "name_format", "number", "output", "output_format",
+                        "tags", "visibility", "extra_data"}
+GRADESCOPE_VISIBILITY = {"hidden", "after_due_date", "after_published", "visible"}
+GRADESCOPE_FORMATS = {"text", "html", "simple_format", "md", "ansi"}
+SHIPPED = assignments.ASSIGNMENTS_DIR / "gradescope"
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_gradescope_format(results: dict, assignment: str) -> dict[str, dict]:
+    """Assert that `results` is a results.json Gradescope accepts, one test per property; its tests by name."""
+    assert set(results) <= GRADESCOPE_TOP_KEYS, set(results) - GRADESCOPE_TOP_KEYS
+    assert is_number(results["score"]) and is_number(results["execution_time"]) and results["execution_time"] >= 0
+    assert isinstance(results["output"], str) and results["output_format"] in GRADESCOPE_FORMATS
+    assert results["visibility"] in GRADESCOPE_VISIBILITY and results["stdout_visibility"] in GRADESCOPE_VISIBILITY
+    assert isinstance(results["tests"], list)
+    for test in results["tests"]:
+        assert set(test) <= GRADESCOPE_TEST_KEYS, set(test) - GRADESCOPE_TEST_KEYS
+        assert isinstance(test["name"], str) and isinstance(test["output"], str)
+        assert is_number(test["score"]) and is_number(test["max_score"]) and 0 <= test["score"] <= test["max_score"]
+        assert test["status"] in {"passed", "failed"} and test["visibility"] in GRADESCOPE_VISIBILITY
+        assert test["output_format"] in GRADESCOPE_FORMATS
+    tests = {test["name"]: test for test in results["tests"]}
+    assert list(tests) == [prop.name for prop in assignments.ASSIGNMENTS[assignment].properties]
+    # the total Gradescope shows is the top-level score: it must be the sum of what the tests show
+    assert results["score"] == sum(test["score"] for test in results["tests"])
+    assert {name: test["max_score"] for name, test in tests.items()} == POINTS[assignment]
+    return tests
+
+
+def test_gradescope_results_full_marks_for_the_reference_less_for_a_mistake(tmp_path, capsys):
+    full = sum(POINTS["rspo_loss"].values())
+    reference_file = str(assignments.ASSIGNMENTS_DIR.parents[1] / "minirspo" / "loss.py")
+    grade.main(["rspo_loss", "--submission", reference_file, "--gradescope", str(tmp_path / "reference.json")])
+    reference = json.loads((tmp_path / "reference.json").read_text())
+    tests = check_gradescope_format(reference, "rspo_loss")
+    assert reference["score"] == full and all(test["status"] == "passed" for test in tests.values())
+
+    path = write_submission(tmp_path, "rspo_loss", RSPO_SOLUTION, NO_FLOOR_MISTAKE)
+    grade.main(["rspo_loss", "--submission", str(path), "--gradescope", str(tmp_path / "mistake.json"),
+                "--visibility", "after_due_date"])
+    mistake = json.loads((tmp_path / "mistake.json").read_text())
+    tests = check_gradescope_format(mistake, "rspo_loss")
+    assert mistake["score"] == full - POINTS["rspo_loss"]["gamma floor"] < full
+    assert [name for name, test in tests.items() if test["status"] == "failed"] == ["gamma floor"]
+    assert tests["gamma floor"]["score"] == 0 and "example_inputs('rspo_loss', 'gamma floor'" in tests["gamma floor"]["output"]
+    assert {test["visibility"] for test in tests.values()} == {mistake["visibility"]} == {"after_due_date"}
+    assert f"Gradescope results: {full - POINTS['rspo_loss']['gamma floor']:g} / {full:g}" in capsys.readouterr().out
+
+
+def test_gradescope_finds_the_file_in_a_submission_folder_or_says_what_to_submit(tmp_path):
+    submission = tmp_path / "submission"
+    (submission / "nested").mkdir(parents=True)
+    (submission / "notes.py").write_text("# my scratch work\n")
+    (submission / "nested" / "rspo_loss.py").write_text("def rspo_loss(*args, **kwargs):\n    raise NotImplementedError\n")
+    report = grade.write_gradescope("rspo_loss", submission, tmp_path / "found.json")
+    assert report.submission == (submission / "nested" / "rspo_loss.py").resolve() and report.problem is None
+
+    (submission / "nested" / "rspo_loss.py").rename(submission / "nested" / "mine.py")
+    grade.write_gradescope("rspo_loss", submission, tmp_path / "ambiguous.json")
+    results = json.loads((tmp_path / "ambiguous.json").read_text())
+    tests = check_gradescope_format(results, "rspo_loss")
+    assert results["score"] == 0 and all(test["status"] == "failed" for test in tests.values())
+    assert "submit one file named rspo_loss.py" in results["output"] and "nested/mine.py, notes.py" in results["output"]
+
+
+def test_gradescope_flags_are_checked_before_grading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        grade.main(["rspo_loss", "--visibility", "hidden"])
+    assert exit_info.value.code == 2 and "--visibility applies to --gradescope" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        grade.main(["--help"])
-    assert "python -m minirspo.grade rspo_loss --submissions hand-ins/ --csv grades.csv" in capsys.readouterr().out
+        grade.main(["rspo_loss", "--submissions", str(tmp_path), "--csv", "x.csv", "--gradescope", "r.json"])
+    assert "--gradescope grades one submission" in capsys.readouterr().err
+
+
+def test_shipped_gradescope_autograder_grades_a_submission(tmp_path):
+    """run_autograder as Gradescope runs it, in a stand-in /autograder with this interpreter as its venv."""
+    root = tmp_path / "autograder"
+    (root / "submission").mkdir(parents=True)
+    (root / "submission" / "rspo_loss.py").write_text(RSPO_SOLUTION.replace(*NO_STOP_GRADIENT_MISTAKE))
+    assert os.access(SHIPPED / "run_autograder", os.X_OK) and os.access(SHIPPED / "setup.sh", os.X_OK)
+    syntax = subprocess.run(["bash", "-n", str(SHIPPED / "setup.sh")], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    environment = os.environ | {"AUTOGRADER_ROOT": str(root), "AUTOGRADER_PYTHON": sys.executable}
+    result = subprocess.run([str(SHIPPED / "run_autograder")], env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    results = json.loads((root / "results" / "results.json").read_text())
+    tests = check_gradescope_format(results, "rspo_loss")
+    assert results["score"] == sum(POINTS["rspo_loss"].values()) - POINTS["rspo_loss"]["stop-gradient"]
+    assert tests["stop-gradient"]["status"] == "failed"
+
+
+def test_instructors_page_shows_the_shipped_gradescope_scripts():
+    page = (assignments.ASSIGNMENTS_DIR.parents[1] / "docs" / "instructors.md").read_text()
+    for script in ("setup.sh", "run_autograder"):
+        assert (SHIPPED / script).read_text() in page, f"docs/instructors.md shows an old copy of {script}"

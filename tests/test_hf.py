@@ -18,20 +18,22 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from minirspo.config import RLConfig  # noqa: E402
 from minirspo.loss import router_logprobs_at  # noqa: E402
 from minirspo.module import RLModule  # noqa: E402
-from minirspo.policy import HFPolicy, load_policy, make_tiny_hf_checkpoint  # noqa: E402
+from minirspo.policy import HFPolicy, load_policy  # noqa: E402
 from minirspo.tasks import make_task  # noqa: E402
+from minirspo.testing import make_tiny_hf_checkpoint  # noqa: E402
 from minirspo.train import run  # noqa: E402
 from toy_moe.generate import token_logprobs  # noqa: E402
 from toy_moe.tokenizer import load_tokenizer  # noqa: E402
+from tolerance import assert_close_in_ulps, largest  # noqa: E402  tests/tolerance.py: why these bounds hold on any CPU
 
 hf_logging.disable_progress_bar()
 
 # (family, config overrides): both settings of Qwen's norm_topk_prob; Mixtral always renormalises, OLMoE not.
 FAMILIES = {"qwen2_moe": {"norm_topk_prob": True}, "qwen3_moe": {"norm_topk_prob": False}, "olmoe": {},
             "mixtral": {}}
-# Float32 on CPU: one op order differs between a padded batch and a single row (matmul blocking), which
-# moves log-probs and router logits by a few ulps of values of size ~6; 1e-5 is ~100 ulps there.
-ATOL = 1e-5
+# Every float comparison below is between two float32 computations of the same values in another order
+# (a padded batch against one row, chunks against one pass, a KV cache against a full forward, experts
+# summed in another order): assert_close_in_ulps allows MODEL_ULPS ulps of the largest reference value.
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +74,9 @@ def test_scores_equal_the_models_own_forward_and_routing(checkpoints, family):
         start = len(prompt)
         # the policy never samples its banned tokens, so it scores under their removal too
         logprobs = token_logprobs(out.logits[0, start - 1:-1], response, banned_tokens=policy.banned)
-        torch.testing.assert_close(scores.logprobs[row, mask[row]], logprobs, atol=ATOL, rtol=0)
+        assert_close_in_ulps(scores.logprobs[row, mask[row]], logprobs)
         for layer in range(2):
-            torch.testing.assert_close(scores.router_logits[layer, row, mask[row]],
-                                       out.router_logits[layer][start:].float(), atol=ATOL, rtol=0)
+            assert_close_in_ulps(scores.router_logits[layer, row, mask[row]], out.router_logits[layer][start:].float())
             # the same expert sets at every real position, prompt included (order within a set is free)
             row_routing = scores.routing[layer, row, torch.cat([prompt_mask[row], mask[row]])]
             assert torch.equal(row_routing.sort(-1).values, own_experts[layer].sort(-1).values)
@@ -95,14 +96,15 @@ def test_routing_replay_reproduces_the_unforced_forward_and_forces_experts(check
         reordered = policy.score(prompt_ids, prompt_mask, tokens, mask, routing=free.routing.flip(-1))
         forced_routing = (free.routing + 1) % policy.router.gates[0].weight.shape[0]
         forced = policy.score(prompt_ids, prompt_mask, tokens, mask, routing=forced_routing)
-    torch.testing.assert_close(replayed.logprobs, free.logprobs, atol=1e-6, rtol=0)
-    torch.testing.assert_close(replayed.router_logits, free.router_logits, atol=1e-6, rtol=0)
+    assert_close_in_ulps(replayed.logprobs, free.logprobs)
+    assert_close_in_ulps(replayed.router_logits, free.router_logits)
     # a gate follows its expert, not its slot: the same set in another order is the same forward
-    torch.testing.assert_close(reordered.logprobs, free.logprobs, atol=1e-6, rtol=0)
+    assert_close_in_ulps(reordered.logprobs, free.logprobs)
     assert torch.equal(forced.topk_idx, forced_routing[:, :, prompt_ids.shape[1]:])
+    # another expert set moves log-probs by O(0.1); 1e-4 is still ~100x the float32 noise of the lines above
     assert (forced.logprobs - free.logprobs)[mask].abs().max() > 1e-4
     # layer 0's router sees nothing forced yet; later layers see the forced experts' outputs
-    torch.testing.assert_close(forced.router_logits[0], free.router_logits[0], atol=1e-6, rtol=0)
+    assert_close_in_ulps(forced.router_logits[0], free.router_logits[0])
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
@@ -118,7 +120,7 @@ def test_frozen_router_gets_no_gradient_and_the_same_values(checkpoints, family)
         experts = policy.model.lm.get_decoder().layers[0].mlp.experts.down_proj
         assert experts.grad is not None and experts.grad.abs().max() > 0
     (free, free_grads), (frozen, frozen_grads) = grads[False], grads[True]
-    torch.testing.assert_close(frozen.logprobs, free.logprobs, atol=1e-6, rtol=0)
+    assert_close_in_ulps(frozen.logprobs, free.logprobs)
     assert torch.equal(frozen.topk_idx, free.topk_idx)
     assert all(g is not None and g.abs().max() > 0 for g in free_grads)
     assert all(g is None for g in frozen_grads)
@@ -138,10 +140,12 @@ def test_chunked_logprobs_equal_unchunked_in_value_and_gradient(checkpoints):
         (scores.logprobs * weights).sum().backward()
         results.append((scores, {n: p.grad for n, p in policy.model.named_parameters()}))
     (a, grads_a), (b, grads_b) = results
-    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
-    torch.testing.assert_close(a.entropy, b.entropy, atol=1e-5, rtol=0)
+    assert_close_in_ulps(a.logprobs, b.logprobs)
+    assert_close_in_ulps(a.entropy, b.entropy)
+    # gradients in ulps of the model's largest (embed_tokens: 2.7e-6 = 5 ulps of 4.75 on one AMD EPYC)
+    gradient_scale = largest(*grads_b.values())
     for name, grad in grads_a.items():
-        torch.testing.assert_close(grad, grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+        assert_close_in_ulps(grad, grads_b[name], scale=gradient_scale, msg=name)
     # 21 response positions in chunks of 3, run once forward and once more in backward (checkpointing)
     assert max(head_rows) == 3 and len(head_rows) == 2 * math.ceil(tokens.numel() / 3)
 
@@ -161,8 +165,9 @@ def test_activation_checkpointing_recomputes_the_replayed_routing(checkpoints):
         scores = policy.score(prompt_ids, prompt_mask, tokens, mask, routing=routing, freeze_router=True)
         scores.logprobs.sum().backward()
         grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in policy.model.named_parameters()})
+    gradient_scale = largest(*grads[0].values())  # in ulps of the model's largest gradient, as above
     for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+        assert_close_in_ulps(grads[1][name], grad, scale=gradient_scale, msg=name)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -182,11 +187,12 @@ def test_generate_records_what_the_training_forward_computes(checkpoints, family
         scores = policy.score(prompt_ids, prompt_mask, rollout.tokens, rollout.mask)
     valid = rollout.mask
     # KV-cache decoding vs one full forward: the same math in another order (the prototype saw 5e-7)
-    torch.testing.assert_close(rollout.logprobs[valid], scores.logprobs[valid], atol=ATOL, rtol=0)
+    assert_close_in_ulps(rollout.logprobs[valid], scores.logprobs[valid])
     router_logprobs = router_logprobs_at(scores.router_logits, rollout.topk_idx)      # (L, B, N, K)
-    torch.testing.assert_close(rollout.topk_logprobs[:, valid], router_logprobs[:, valid], atol=ATOL, rtol=0)
+    assert_close_in_ulps(rollout.topk_logprobs[:, valid], router_logprobs[:, valid])
     # the same experts wherever the K-th and (K+1)-th router probabilities are not within float noise
     top = scores.router_logits.softmax(-1).topk(3, dim=-1).values                      # (L, B, N, 3)
+    # (1e-4 in probability is ~1000 ulps of a probability <= 1: the two paths cannot swap such a pair)
     clear = (top[..., 1] - top[..., 2] > 1e-4) & valid
     same = (rollout.topk_idx.sort(-1).values == scores.topk_idx.sort(-1).values).all(-1)
     assert clear.float().mean() > 0.9 and same[clear].all()
@@ -234,8 +240,8 @@ def test_a_deep_copy_hooks_its_own_gates(checkpoints):
     with torch.no_grad():
         reference.router.gates[1].weight.mul_(3.0)
         ours, theirs = (p.score(prompt_ids, prompt_mask, tokens, mask) for p in (policy, reference))
-    torch.testing.assert_close(ours.router_logits[0], theirs.router_logits[0], atol=1e-6, rtol=0)
-    assert (ours.router_logits[1] - theirs.router_logits[1])[mask].abs().max() > 1e-3
+    assert_close_in_ulps(ours.router_logits[0], theirs.router_logits[0])
+    assert (ours.router_logits[1] - theirs.router_logits[1])[mask].abs().max() > 1e-3  # ×3 moves logits by O(1)
 
 
 def test_dense_model_is_refused_by_rspo(checkpoints):

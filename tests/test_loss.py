@@ -1,4 +1,4 @@
-"""Property tests of minirspo.loss against the naive float64 references of tests/reference.py (RSPO.md).
+"""Property tests of minirspo.loss against the naive float64 references of tests/reference.py (docs/rspo.md).
 
 Notation: B batch (sequences), T tokens, E experts, K top-k, L MoE layers, G group size.
 
@@ -25,6 +25,7 @@ from minirspo.loss import (
     gspo_loss,
     policy_loss,
     router_logprobs_at,
+    router_shift_metrics,
     router_shift_ratio,
     routing_consistency,
     rspo_loss,
@@ -187,11 +188,12 @@ def test_loss_and_gradient_match_reference(case):
 
 @given(policy_cases(nonzero_advantages=True, nonempty_rows=True))
 def test_metrics_match_reference(case):
-    # RSPO.md pins the clip fractions down only where A != 0 (with A = 0 nothing changes the objective) and,
+    # docs/rspo.md pins the clip fractions down only where A != 0 (with A = 0 nothing changes the objective) and,
     # for GSPO, counts sequences: with every row non-empty "share of sequences" has one meaning.
     away_from_kinks(case)
     metrics = run_loss(case)[0].metrics
     want = reference.metrics_ref(case.name, **case.inputs)
+    assert set(metrics) == set(want)  # the loss's own metrics only: the loop computes γ's once, from γ
     for key, value in want.items():
         assert metrics[key].ndim == 0 and not metrics[key].requires_grad, key
         # Shares are counts over at most 36 points: exact up to float32 division. The k3 estimator
@@ -204,8 +206,9 @@ def test_policy_loss_dispatches_by_name(case):
     direct, grad = run_loss(case)
     logprobs = case.inputs["logprobs"].clone().requires_grad_()
     by_name = policy_loss(case.name, **{**case.inputs, "logprobs": logprobs})
-    torch.testing.assert_close(by_name.loss, direct.loss)
-    torch.testing.assert_close(gradient(by_name.loss, logprobs), grad)
+    # the same function on the same tensors: bit for bit on any CPU (same ops, same order)
+    assert torch.equal(by_name.loss, direct.loss)
+    assert torch.equal(gradient(by_name.loss, logprobs), grad)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,8 +224,12 @@ def test_on_policy_loss_is_minus_mean_advantage_and_gradient_is_policy_gradient(
     lengths = mask.sum(dim=1)  # (B,)
     batch = mask.shape[0]
     want_loss = -float((advantages * (lengths > 0)).sum()) / batch
+    # w = 1 exactly, so each term is A_i times a few exact or once-rounded factors; the float32 mean over
+    # B <= 12 of them is off by <= (B + 3) u = 9e-7 of (1/B) sum |A_i| in the worst case: rtol 1e-6.
     assert_loss_close(output.loss, want_loss, float(advantages.abs().sum()) / batch, rtol=1e-6)
     want_grad = torch.where(mask, -rearrange(advantages / (batch * lengths.clamp(min=1)), "b -> b 1"), 0.0)  # (B, T)
+    # each element is A_i / (B |y_i|) times exp(0) = 1: <= 3 roundings (3u = 2e-7 relative); exactly 0
+    # where A_i = 0 or masked, which atol 1e-12 (far below any nonzero |A|/(B T) >= 1e-3) keeps exact.
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-6, atol=1e-12)
     if mask.any():
         assert float(output.metrics["clip_frac_low"]) == 0 and float(output.metrics["clip_frac_high"]) == 0
@@ -233,10 +240,12 @@ def test_on_policy_loss_is_minus_mean_advantage_and_gradient_is_policy_gradient(
 def test_router_shift_of_ones_equals_router_shift_off(case):
     off, off_grad = run_loss(case)
     on, on_grad = run_loss(case, router_shift=torch.ones(case.inputs["mask"].shape))
-    torch.testing.assert_close(on.loss, off.loss)
-    torch.testing.assert_close(on_grad, off_grad)
+    # log max(1, γ_min) = log 1 = 0 exactly and x + 0 = x exactly, so every later op sees the same bits
+    assert torch.equal(on.loss, off.loss)
+    assert torch.equal(on_grad, off_grad)
+    assert on.metrics.keys() == off.metrics.keys()
     for key, value in off.metrics.items():
-        torch.testing.assert_close(on.metrics[key], value)
+        assert torch.equal(on.metrics[key], value), key
 
 
 @given(policy_cases(names=("gmpo",), router_shift=True))
@@ -244,14 +253,16 @@ def test_rspo_is_gmpo_with_router_shift(case):
     router_shift = case.inputs["router_shift"]
     rspo, rspo_grad = run_loss(case._replace(name="rspo"))
     gmpo, gmpo_grad = run_loss(case)
-    torch.testing.assert_close(rspo.loss, gmpo.loss)
-    torch.testing.assert_close(rspo_grad, gmpo_grad)
+    # rspo_loss calls gmpo_loss with the same arguments: bit for bit
+    assert torch.equal(rspo.loss, gmpo.loss)
+    assert torch.equal(rspo_grad, gmpo_grad)
     # With gamma = 1 everywhere, RSPO is plain GMPO.
     ones = torch.ones_like(router_shift)
     rspo_ones, rspo_ones_grad = run_loss(case._replace(name="rspo"), router_shift=ones)
     gmpo_off, gmpo_off_grad = run_loss(case, router_shift=None)
-    torch.testing.assert_close(rspo_ones.loss, gmpo_off.loss)
-    torch.testing.assert_close(rspo_ones_grad, gmpo_off_grad)
+    # log w + log 1 = log w exactly (see test_router_shift_of_ones_equals_router_shift_off)
+    assert torch.equal(rspo_ones.loss, gmpo_off.loss)
+    assert torch.equal(rspo_ones_grad, gmpo_off_grad)
 
 
 @given(policy_cases(), st.sampled_from([-math.inf, math.inf, math.nan, -1e30, 1e30, -50.0]))
@@ -260,10 +271,11 @@ def test_padding_content_changes_nothing(case, garbage):
     padding = ~case.inputs["mask"]
     dirty = {key: torch.where(padding, garbage, case.inputs[key]) for key in ("logprobs", "old_logprobs")}
     dirty_output, dirty_grad = run_loss(case, **dirty)
-    torch.testing.assert_close(dirty_output.loss, output.loss, equal_nan=False)
-    torch.testing.assert_close(dirty_grad, grad, equal_nan=False)
+    # torch.where drops padding before any arithmetic, so every later op sees the same bits: exact
+    assert torch.equal(dirty_output.loss, output.loss)
+    assert torch.equal(dirty_grad, grad)
     for key, value in output.metrics.items():
-        torch.testing.assert_close(dirty_output.metrics[key], value, equal_nan=True)
+        torch.testing.assert_close(dirty_output.metrics[key], value, rtol=0, atol=0, equal_nan=True)
 
 
 @given(policy_cases(), st.randoms(use_true_random=False))
@@ -277,7 +289,10 @@ def test_permuting_sequences_permutes_gradients_and_keeps_loss(case, random):
     scale = run_reference(case)[1]
     # Only the order of the float32 sum over sequences changes: B <= 12 roundings of the summands.
     assert_loss_close(permuted_output.loss, output.loss.item(), scale, rtol=1e-5)
-    torch.testing.assert_close(permuted_grad, grad[order])
+    # A token's gradient depends only on its own row, reduced over the same T values in the same order;
+    # even a kernel that vectorised a row by its address could move it only by the float32 error of the
+    # row's log-ratio sum (RTOL, see the module docstring). 0 stays 0 (clipped, masked or A = 0).
+    torch.testing.assert_close(permuted_grad, grad[order], rtol=RTOL, atol=1e-30)
 
 
 @given(policy_cases())
@@ -375,9 +390,10 @@ def test_router_padding_content_changes_nothing_at_valid_tokens(router, garbage)
     gamma = router_shift_ratio(logits, old_topk_idx, old_topk_logprobs, mask)  # (B, T)
     dirty_logits = torch.where(padding, garbage, new_logits).requires_grad_()  # (L, B, T, E)
     dirty_gamma = router_shift_ratio(dirty_logits, old_topk_idx, torch.where(padding, garbage, old_topk_logprobs), mask)  # (B, T)
-    torch.testing.assert_close(dirty_gamma, gamma)
+    # each token's γ and gradient come from its own logits only (log-softmax per token): exact at valid tokens
+    assert torch.equal(dirty_gamma, gamma)
     dirty_grad, grad = gradient(dirty_gamma.sum(), dirty_logits), gradient(gamma.sum(), logits)  # (L, B, T, E)
-    torch.testing.assert_close(dirty_grad[:, mask], grad[:, mask])
+    assert torch.equal(dirty_grad[:, mask], grad[:, mask])
     if math.isfinite(garbage):
         # gamma is the constant 1 at a masked token. (A non-finite router logit at padding may leave NaN in
         # that padding's own gradient: routers never produce one, unlike the -inf token log-probs above.)
@@ -526,7 +542,29 @@ def test_router_logprobs_at_is_the_log_softmax_at_those_experts(router):
     want = torch.stack([torch.stack(reference.log_softmax_ref(list(token))) for token in
                         rearrange(new_logits.double(), "l b t e -> (l b t) e")])  # (L·B·T, E)
     want = want.gather(-1, rearrange(old_topk_idx, "l b t k -> (l b t) k"))
+    # log p = z - logsumexp(z): the float32 logsumexp of logits up to ~150 (30 · randn) is off by a few u of
+    # it, <= ~1e-5 absolute; rtol covers the large |log p| of experts far below the top.
     torch.testing.assert_close(rearrange(got.double(), "l b t k -> (l b t) k"), want, rtol=RTOL, atol=1e-5)
+
+
+FLOORS = [0.5, 0.75, 0.875]  # exact in float32, so "γ < γ_min" means the same in float32 and float64
+
+
+@given(st.lists(st.lists(st.one_of(st.just(1.0), st.sampled_from(FLOORS), float32s(0.25, 1.0)), min_size=1, max_size=6), min_size=1, max_size=6).filter(lambda rows: len({len(row) for row in rows}) == 1),
+       st.sampled_from(FLOORS), st.integers(0, 2**32 - 1))
+def test_router_shift_metrics_match_reference(gammas, gamma_min, seed):
+    # γ exactly at the floor is drawn too: it is not floored (γ < γ_min is strict)
+    gamma = torch.tensor(gammas)  # (B, T)
+    mask = torch.rand(gamma.shape, generator=torch.Generator().manual_seed(seed)) < 0.7
+    mask[0, 0] = True  # at least one valid token
+    got = router_shift_metrics(gamma, mask, gamma_min)
+    want = reference.router_shift_metrics_ref(gamma, mask, gamma_min)
+    assert set(got) == set(want)
+    # min and the floored share are exact (a value and a count over <= 36 tokens, one division); the mean
+    # sums <= 36 values in (0, 1] in float32: off by <= 36 u relative (2e-6), so RTOL is a 50x margin.
+    assert float(got["gamma_min"]) == want["gamma_min"]
+    assert math.isclose(float(got["gamma_floored_frac"]), want["gamma_floored_frac"], rel_tol=1e-6)
+    assert math.isclose(float(got["gamma_mean"]), want["gamma_mean"], rel_tol=RTOL)
 
 
 @given(router_cases(masked=True))

@@ -1,5 +1,4 @@
 """toy_moe.pretrain: a short warm start lowers the answer loss, checkpoints round-trip, runs resume, flags parse."""
-import argparse
 import csv
 from dataclasses import replace
 
@@ -9,9 +8,10 @@ import torch.nn.functional as F
 
 from minirspo.tasks import ArithmeticTask
 from toy_moe.model import ToyMoE, ToyMoEConfig
-from toy_moe.cli import add_config_flags, config_from_flags
+from toy_moe.entrypoint import UsageError, parse_flags
 from toy_moe.pretrain import (
     PretrainConfig,
+    PretrainFlags,
     load_toy_checkpoint,
     main,
     pretrain,
@@ -96,15 +96,50 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         load_toy_checkpoint(tmp_path / "nowhere.pt")
 
 
+def parse_pretrain_flags(argv: list[str]) -> PretrainFlags:
+    return parse_flags(PretrainFlags, argv, prog="python -m toy_moe.pretrain", description="")
+
+
 def test_every_config_field_is_a_flag():
-    parser = argparse.ArgumentParser()
-    add_config_flags(parser, PretrainConfig)
-    flags = ["--lr", "1e-3", "--model.d-model", "64", "--model.moe-layers", "0,2", "--no-model.norm-topk-prob",
-             "--tokenizer", "none", "--accelerator", "gpu", "--no-progress-bar"]
-    config = config_from_flags(PretrainConfig, vars(parser.parse_args(flags)))
+    flags = ["--data", "x.tsv", "--lr", "1e-3", "--model.d-model", "64", "--model.moe-layers", "0", "2",
+             "--model.no-norm-topk-prob", "--tokenizer", "None", "--accelerator", "cpu", "--no-progress-bar"]
+    config = parse_pretrain_flags(flags).pretrain_config()
     expected_model = ToyMoEConfig(d_model=64, moe_layers=(0, 2), norm_topk_prob=False)
-    assert config == PretrainConfig(model=expected_model, lr=1e-3, accelerator="gpu", progress_bar=False)
-    assert config_from_flags(PretrainConfig, vars(parser.parse_args([]))) == PretrainConfig()
+    assert config == PretrainConfig(model=expected_model, lr=1e-3, accelerator="cpu", progress_bar=False)
+    assert parse_pretrain_flags(["--data", "x.tsv"]).pretrain_config() == PretrainConfig()
+
+
+@pytest.mark.parametrize("argv, flag", [(["--max-steps", "0"], "--max-steps"), (["--lr", "-1"], "--lr"),
+                                        (["--model.top-k", "9"], "--model.top-k"),
+                                        (["--precision", "8-bit"], "--precision"), ([], "--data")],
+                         ids=lambda value: " ".join(value) if isinstance(value, list) else value)
+def test_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys, argv, flag):
+    data = tmp_path / "pairs.tsv"
+    data.write_text("1+1=\t2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*(["--data", str(data)] if flag != "--data" else []), "--out-dir", str(tmp_path / "out"), *argv])
+    errors = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(errors) == 1 and flag in errors[0], errors
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_run_writes_its_config_and_config_reruns_it(tmp_path, capsys):
+    data = tmp_path / "pairs.tsv"
+    data.write_text("".join(f"{prompt}\t{answer}\n" for prompt, answer in EXAMPLES))
+    out = tmp_path / "warm"
+    tiny = ["--model.d-model", "32", "--model.n-layers", "2", "--model.n-heads", "2", "--model.n-experts", "4",
+            "--model.expert-hidden", "64", "--model.max-seq-len", "32", "--batch-size", "32", "--eval-examples", "32"]
+    main(["--data", str(data), "--out-dir", str(out), "--max-steps", "2", "--eval-every", "2", "--no-progress-bar",
+          *tiny])
+    written = parse_pretrain_flags(["--config", str(out / "config.yaml")])
+    assert written.pretrain_config() == replace(PretrainConfig(model=TINY_MODEL),
+                                                max_steps=2, eval_every=2, progress_bar=False, batch_size=32,
+                                                eval_examples=32)
+    assert (written.data, written.out_dir) == (data, out)
+    # later flags override the file
+    assert parse_pretrain_flags(["--config", str(out / "config.yaml"), "--max-steps", "9"]).max_steps == 9
+    with pytest.raises(UsageError, match="--config"):
+        parse_pretrain_flags(["--config", str(tmp_path)])
 
 
 def test_help_shows_example_commands(capsys):
@@ -124,6 +159,7 @@ def test_data_file_errors_name_the_line(tmp_path):
 
 def test_warmup_then_cosine_schedule():
     multipliers = [warmup_cosine(step, warmup_steps=10, max_steps=100, min_lr_ratio=0.1) for step in range(101)]
+    # Python floats (float64) of a closed form: pytest.approx's default rel 1e-6 is ~10^10 ulps of slack
     assert multipliers[0] == pytest.approx(0.1) and multipliers[9] == pytest.approx(1.0)
     assert all(later <= earlier for earlier, later in zip(multipliers[9:], multipliers[10:]))
     assert multipliers[100] == pytest.approx(0.1)

@@ -111,7 +111,7 @@ def test_unknown_loss_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(tiny_args(tiny_checkpoint, tmp_path, "--loss", "ppo"))
     assert exit_info.value.code != 0
-    assert "unknown loss 'ppo'" in capsys.readouterr().err
+    assert "invalid choice 'ppo' for argument '--loss'" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -191,3 +191,193 @@ def test_the_command_line_defaults_are_the_config_defaults():
     from minirspo.config import parse_config
     assert parse_config([]) == RLConfig()
     assert parse_config(["--pretrain.max-steps", "7"]).pretrain.max_steps == 7
+
+
+# --- the command line: config files, bad input, the console ----------------------------------------------
+def test_the_run_writes_its_config_and_config_reruns_it_with_overrides(tiny_checkpoint, tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from minirspo.config import parse_config
+    first = tmp_path / "first"
+    main(tiny_args(tiny_checkpoint, first, "--loss", "gmpo", "--router-shift", "--gamma-min", "auto",
+                   "--clip-low", "0.3", "--max-steps", "1"))
+    written = parse_config(["--config", str(first / "config.yaml")])
+    assert written == parse_config(tiny_args(tiny_checkpoint, first, "--loss", "gmpo", "--router-shift",
+                                             "--gamma-min", "auto", "--clip-low", "0.3", "--max-steps", "1"))
+    # run it again from the file, with two flags after --config overriding it
+    second = tmp_path / "second"
+    main(["--config", str(first / "config.yaml"), "--out", str(second), "--no-router-shift"])
+    expected = dataclasses.replace(written, out=str(second), router_shift=False)
+    assert parse_config(["--config", str(second / "config.yaml")]) == expected
+    assert yaml.safe_load((second / "config.yaml").read_text())["router_shift"] is False
+    assert read_metrics(second / "metrics.csv")["step"] == [0.0]
+
+
+def test_a_config_with_every_kind_of_value_round_trips(tmp_path):
+    from minirspo.config import parse_config
+    from toy_moe.entrypoint import write_config
+    config = RLConfig(task="countdown", task_options="n_numbers=3,ops=+-", loss="grpo", router_shift=True,
+                      gamma_min="auto", clip_low=0.25, clip_high=None, n_prompts=4, minibatch_size=16,
+                      temperature=0.7, resume=True, precision="bf16-mixed", strategy="ddp",
+                      pretrain=PretrainConfig(model=ToyMoEConfig(moe_layers=(0, 2), norm_topk_prob=False),
+                                              tokenizer=None, max_steps=7, lr=1e-3))
+    path = write_config(config, tmp_path / "config.yaml", rerun="python -m minirspo.train")
+    assert parse_config(["--config", str(path)]) == config
+    assert parse_config(["--max-steps", "3", "--config", str(path)]).max_steps == config.max_steps  # file wins
+    assert parse_config(["--config", str(path), "--pretrain.model.moe-layers", "None"]).pretrain.model.moe_layers is None
+
+
+def test_task_choices_are_the_registered_tasks():
+    from typing import get_args
+
+    from minirspo.config import TaskName
+    from minirspo.tasks import TASKS
+    assert set(get_args(TaskName)) == set(TASKS)
+
+
+def not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("these are notes, not weights\n")
+    return path
+
+
+def empty_file(tmp_path):
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    return path
+
+
+def bare_folder(tmp_path):
+    (tmp_path / "hf").mkdir()
+    return tmp_path / "hf"
+
+
+# (flags, the flag the one-line error must name); `{tmp}` is the test's folder
+BAD_INPUT = [
+    (["--task", "nosuch"], "--task"),
+    (["--task", "countdown", "--task-options", "foo=1"], "--task-options"),
+    (["--task-options", "max_operand"], "--task-options"),
+    (["--task-options", "max_operand=-3"], "--task-options"),
+    (["--loss", "ppo"], "--loss"),
+    (["--model", "toy:{not_a_checkpoint}"], "--model"),
+    (["--model", "toy:{empty_file}"], "--model"),
+    (["--model", "toy:{tmp}"], "--model"),
+    (["--model", "hf:{bare_folder}"], "--model"),
+    (["--model", "hf:{not_a_checkpoint}"], "--model"),
+    (["--model", "gguf:x"], "--model"),
+    (["--resume", "--out", "{tmp}/never_ran"], "--resume"),
+    (["--out", "{not_a_checkpoint}"], "--out"),
+    (["--n-prompts", "0"], "--n-prompts"),
+    (["--group-size", "1"], "--group-size"),
+    (["--minibatch-size", "0"], "--minibatch-size"),
+    (["--minibatch-size", "48"], "--minibatch-size"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--eval-size", "0"], "--eval-size"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--max-steps", "0"], "--max-steps"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "fast"], "--lr"),
+    (["--temperature", "-0.5"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--gamma-min", "1.5"], "--gamma-min"),
+    (["--precision", "8-bit"], "--precision"),
+    (["--strategy", "deepspeed"], "--strategy"),
+    (["--rollout-engine", "vllm"], "--rollout-engine"),
+    (["--pretrain.max-steps", "0"], "--pretrain.max-steps"),
+    (["--pretrain.lr", "-1"], "--pretrain.lr"),
+    (["--pretrain.model.n-experts", "0"], "--pretrain.model.n-experts"),
+    (["--pretrain.max-step", "3"], "--pretrain.max-step"),
+    (["--config", "{tmp}"], "--config"),
+    (["--config", "{empty_file}"], "--config"),
+]
+
+
+@pytest.mark.parametrize("flags, flag", BAD_INPUT, ids=[" ".join(flags) for flags, _ in BAD_INPUT])
+def test_bad_input_is_one_line_naming_the_flag_before_any_work(tmp_path, capsys, flags, flag):
+    paths = {"tmp": tmp_path, "not_a_checkpoint": not_a_checkpoint(tmp_path), "empty_file": empty_file(tmp_path),
+             "bare_folder": bare_folder(tmp_path)}
+    warm = tmp_path / "warm"
+    defaults = ["--warmstart-dir", str(warm), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*defaults, *(token.format(**paths) for token in flags)])
+    captured = capsys.readouterr()
+    errors = captured.err.splitlines()
+    assert exit_info.value.code != 0
+    assert len(errors) == 1 and errors[0].startswith("error: ") and flag in errors[0], errors
+    assert captured.out == ""
+    assert not warm.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [["--task", "nosuch"], ["--model", "toy:{not_a_checkpoint}"]],
+                         ids=lambda flags: " ".join(flags))
+def test_bad_input_from_the_shell_prints_one_line_and_nothing_else(tmp_path, flags):
+    import subprocess
+    import sys
+    args = [token.format(not_a_checkpoint=not_a_checkpoint(tmp_path)) for token in flags]
+    result = subprocess.run([sys.executable, "-m", "minirspo.train", "--warmstart-dir", str(tmp_path / "warm"),
+                             *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and flags[0] in result.stderr, result.stderr
+    assert not (tmp_path / "warm").exists()
+
+
+def test_help_explains_every_flag(capsys):
+    import re
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = re.sub(r"[│╭╮╰╯─]", " ", capsys.readouterr().out)
+    assert "Examples:" in text and "python -m minirspo.train --loss grpo --router-shift" in text
+    for group in ("task", "loss", "rollouts", "updates", "run", "scale", "warm-start", "pretrain"):
+        assert f" {group} options " in text, group
+    assert "{arithmetic,countdown}" in text and "{grpo,gspo,gmpo,rspo}" in text
+    # every flag line is followed by its explanation, not only "(default: ...)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    flags = [i for i, line in enumerate(lines) if line.startswith("--")]
+    assert len(flags) > 60
+    for i in flags:
+        assert not lines[i + 1].startswith("(default"), lines[i]
+    for name in ("--max-steps", "--pretrain.max-steps", "--pretrain.model.n-experts", "--task-options",
+                 "--router-shift", "--routing-replay", "--freeze-router", "--resume", "--activation-checkpointing"):
+        assert any(line.split(",")[0].split()[0] == name for line in lines), name
+
+
+def test_the_progress_bar_counts_rl_steps_across_a_resume(tiny_checkpoint, tmp_path, monkeypatch):
+    import minirspo.train
+    seen = []
+    make_bar = minirspo.train.rl_progress_bar
+
+    def recording_bar(config, latest):
+        bar = make_bar(config, latest)
+        update = bar._update
+
+        def record(bar_id, current, *args, **kwargs):
+            if bar_id is not None and bar_id == bar.train_progress_bar_id:
+                seen.append((current, bar.total_train_batches))
+            return update(bar_id, current, *args, **kwargs)
+        bar._update = record
+        return bar
+
+    monkeypatch.setattr(minirspo.train, "rl_progress_bar", recording_bar)
+    # 16 sequences per step in minibatches of 8: 2 optimiser steps per RL step
+    main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "2"))
+    assert seen and seen[-1] == (2, 2) and max(current for current, _ in seen) == 2
+    seen.clear()
+    main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "4", "--resume"))
+    assert {total for _, total in seen} == {4}
+    assert sorted({current for current, _ in seen}) == [2, 3, 4]  # starts at 2 of 4, not 0 of 2
+
+
+def test_a_run_prints_what_happens_and_no_library_noise(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "minirspo.train", *tiny_args(tiny_checkpoint, tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    for noise in ("GPU available", "TPU available", "Tip:", "Trainer.fit", "LeafSpec", "Epoch", "v_num"):
+        assert noise not in result.stdout, noise
+    assert "RL: " in result.stdout and "2/2" in result.stdout and "held-out greedy accuracy" in result.stdout

@@ -33,13 +33,14 @@ from torch import Tensor, nn
 
 @dataclass
 class ToyMoEConfig:
-    """The CPU prototype's dimensions (/work/shared/notes/cpu-prototype.md), which trained at ~9k tokens/s on
-    2 cores; with a 512-token vocabulary and tied embeddings: 3.48M parameters, ~1.1M active per token."""
+    """The dimensions of the project's CPU prototype, which trained at ~9k tokens/s on 2 cores (see
+    benchmarks/README.md for today's figure); with a 512-token vocabulary and tied embeddings: 3.48M
+    parameters, ~1.1M active per token."""
 
-    vocab_size: int = 512
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    vocab_size: int = 512  # V: token ids (the toy BPE has 512)
+    d_model: int = 128  # D: width of the residual stream
+    n_layers: int = 4  # decoder layers (each MoE unless moe_layers says otherwise)
+    n_heads: int = 4  # H: attention heads; D / H must be even (RoPE rotates pairs)
     n_experts: int = 8  # E: 8 experts as in Mixtral 8x7B (Jiang et al. 2024)
     top_k: int = 2  # K: top-2 routing (GShard, Lepikhin et al. 2020; Mixtral)
     expert_hidden: int = 256  # F: SwiGLU hidden size of one expert (Shazeer 2020, "GLU Variants")
@@ -49,8 +50,8 @@ class ToyMoEConfig:
     aux_loss_coef: float = 0.01  # α of the Switch Transformer load-balance loss (Fedus et al. 2021)
     z_loss_coef: float = 1e-3  # c_z of the router z-loss (ST-MoE, Zoph et al. 2022)
     router_fp32: bool = True  # router matmul and softmax in float32 (ST-MoE, "selective precision")
-    dropout: float = 0.0
-    max_seq_len: int = 256
+    dropout: float = 0.0  # dropout rate in [0, 1)
+    max_seq_len: int = 256  # the longest prompt + response, in tokens
     rope_theta: float = 10000.0  # RoFormer (Su et al. 2021)
 
     def __post_init__(self) -> None:

@@ -10,7 +10,9 @@ decay. Every `eval_every` steps, greedy decoding on a held-out slice of the exam
 appear in training) gives the exact-match accuracy `val/accuracy`.
 
 Outputs in out_dir: `model.pt` (what the RL loop loads, see `load_toy_checkpoint`), `checkpoints/last.ckpt`
-(for --resume), `logs/version_*/metrics.csv`.
+(for --resume), `logs/version_*/metrics.csv`, and from the command line `config.yaml` (the resolved flags;
+`--config FILE` runs them again, flags after it overriding the file). The console shows one progress bar in
+optimiser steps and a one-line result; --verbose adds Lightning's own messages.
 
 Examples:
     # 20k arithmetic examples from the RL tasks, then the default run (1-2 minutes on 2 CPU cores)
@@ -30,27 +32,32 @@ accuracy, not by wall time.
 """
 from __future__ import annotations
 
-import argparse
 import math
+import re
 import time
 import warnings
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Literal, NamedTuple, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from toy_moe.cli import add_config_flags, config_from_flags
+from toy_moe.entrypoint import StepProgressBar, UsageError, fail, parse_flags, quiet_console, write_config
 from toy_moe.generate import generate
 from toy_moe.model import ToyMoE, ToyMoEConfig, ToyMoEOutput
 from toy_moe.tokenizer import RANKS_PATH, ToyTokenizer, load_tokenizer, parse_ranks
+
+
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]  # Lightning's accelerator names
+Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]  # Lightning's
 
 
 @dataclass
@@ -59,37 +66,61 @@ class PretrainConfig:
     which took a 3.4M-parameter toy MoE to 62% greedy accuracy on `a+b=` in about 60 s on 2 cores."""
 
     model: ToyMoEConfig = field(default_factory=ToyMoEConfig)
-    lr: float = 2e-3
+    """the toy MoE's shape and router losses"""
+    lr: float = 2e-3  # peak AdamW learning rate, > 0
     min_lr_ratio: float = 0.1  # the cosine ends at 10% of lr (Chinchilla, Hoffmann et al. 2022)
-    weight_decay: float = 0.01  # torch's AdamW default
-    grad_clip: float = 1.0  # global gradient-norm clip (GPT-3, Brown et al. 2020)
-    batch_size: int = 128
-    warmup_steps: int = 50
-    max_steps: int = 600  # ~80 s on 2 CPU cores, to ~100% on a+b= (measurements in the module docstring)
+    weight_decay: float = 0.01  # AdamW weight decay (torch's default)
+    grad_clip: float = 1.0  # global gradient-norm clip, > 0 (GPT-3, Brown et al. 2020)
+    batch_size: int = 128  # examples per optimiser step
+    warmup_steps: int = 50  # optimiser steps of linear warm-up before the cosine decay
+    max_steps: int = 600  # optimiser steps; 600: ~80 s on 2 CPU cores, to ~100% on a+b= (module docstring)
     eval_every: int = 100  # steps between held-out greedy evaluations and checkpoints
     eval_examples: int = 256  # distinct prompts held out of training for evaluation
-    # Stop at the first evaluation whose held-out greedy accuracy reaches this (None: train to max_steps).
-    # Accuracy on a+b= jumps from ~10% to ~90% within ~100 steps, at a step that depends on the seed and
-    # the machine's float arithmetic, so a warm start is chosen by accuracy, not by a fixed step count.
+    # Stop at the first evaluation whose held-out greedy accuracy reaches this; None: train to max_steps.
+    # Accuracy on a+b= jumps from ~10% to ~90% within ~100 steps, at a step that depends on the seed and the
+    # CPU's float arithmetic, so a warm start for RL is chosen by accuracy, not by a fixed step count.
     stop_at_accuracy: float | None = None
-    seed: int = 0
-    accelerator: str = "cpu"
-    devices: int = 1
-    precision: str = "32-true"  # a Lightning precision string
-    tokenizer: str | None = None  # ranks file; None = the shipped toy_moe/data/toy_moe.tiktoken
-    progress_bar: bool = True
+    seed: int = 0  # seeds the initialisation and the order of the examples
+    accelerator: Accelerator = "cpu"  # Lightning accelerator
+    devices: int = 1  # processes (one per GPU)
+    precision: Precision = "32-true"  # Lightning precision
+    tokenizer: str | None = None  # BPE ranks file; None = the shipped toy_moe/data/toy_moe.tiktoken
+    progress_bar: bool = True  # a progress bar in optimiser steps
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "eval_every", "eval_examples", "devices"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.stop_at_accuracy is not None and not 0.0 < self.stop_at_accuracy <= 1.0:
-            raise ValueError(f"PretrainConfig.stop_at_accuracy must be in (0, 1] or None, got {self.stop_at_accuracy}")
-        if self.warmup_steps < 0 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(
-                f"PretrainConfig needs warmup_steps >= 0, lr > 0 and 0 <= min_lr_ratio <= 1, got "
-                f"{self.warmup_steps}, {self.lr}, {self.min_lr_ratio}"
-            )
+            if not getattr(self, name) >= 1:
+                raise UsageError(f"PretrainConfig.{name}: got {getattr(self, name)!r}; expected a whole number >= 1")
+        for name, ok, accepted in (("warmup_steps", self.warmup_steps >= 0, "a whole number >= 0"),
+                                   ("lr", self.lr > 0, "a number > 0"),
+                                   ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "a number in [0, 1]"),
+                                   ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+                                   ("grad_clip", self.grad_clip > 0, "a number > 0"),
+                                   ("stop_at_accuracy", self.stop_at_accuracy is None or 0 < self.stop_at_accuracy <= 1,
+                                    "None or a number in (0, 1]")):
+            if not ok:
+                raise UsageError(f"PretrainConfig.{name}: got {getattr(self, name)!r}; expected {accepted}")
+
+
+def name_flags(message: str, prefix: str = "") -> str:
+    """Config field names in an error message as the flags that set them: `PretrainConfig.max_steps` ->
+    `--{prefix}max-steps`, `ToyMoEConfig.top_k` -> `--{prefix}model.top-k` (tyro's "Error parsing X:" dropped)."""
+    message = re.sub(r"^Error parsing [\w.-]+: (?=(PretrainConfig|ToyMoEConfig)\.)", "", message)
+    return re.sub(r"\b(PretrainConfig|ToyMoEConfig)\.(\w+)", lambda match: "--" + prefix + (
+        "model." if match[1] == "ToyMoEConfig" else "") + match[2].replace("_", "-"), message)
+
+
+def check_accelerator(accelerator: str, flag: str = "accelerator") -> None:
+    """Refuse an accelerator this machine does not have, before any work starts (Lightning would refuse it
+    only once the Trainer is built)."""
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator, XLAAccelerator
+    available = {"gpu": CUDAAccelerator.is_available() or MPSAccelerator.is_available(),
+                 "cuda": CUDAAccelerator.is_available(), "mps": MPSAccelerator.is_available(),
+                 "tpu": XLAAccelerator.is_available()}
+    if not available.get(accelerator, True):
+        usable = ["auto", "cpu", *(name for name, ok in available.items() if ok)]
+        raise UsageError(f"--{flag}: got {accelerator!r}, which this machine does not have; "
+                         f"usable here: {', '.join(usable)}")
 
 
 class Batch(NamedTuple):
@@ -112,7 +143,8 @@ def read_examples(path: Path | str) -> list[tuple[str, str]]:
     """`prompt<TAB>answer` per line; a line without exactly one tab is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data file not found: {path}")
+        raise FileNotFoundError(f"--data: {path} {'is a folder' if path.is_dir() else 'not found'}; expected a "
+                                "file of 'prompt<TAB>answer' lines")
     examples = []
     for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         columns = line.split("\t")
@@ -259,6 +291,15 @@ def load_toy_checkpoint(path: Path | str) -> tuple[ToyMoE, ToyTokenizer]:
     return model.eval(), tokenizer
 
 
+def progress_metrics(trainer: L.Trainer) -> dict[str, str]:
+    """What the progress bar shows: the latest held-out greedy accuracy and the training loss."""
+    metrics = trainer.callback_metrics
+    shown = {"loss": f"{float(metrics['train/ce']):.3f}"} if "train/ce" in metrics else {}
+    if "val/accuracy" in metrics:
+        shown["accuracy"] = f"{float(metrics['val/accuracy']):.1%}"
+    return shown
+
+
 def pretrain(
     examples: Iterable[tuple[str, str]], config: PretrainConfig, out_dir: Path | str, *, resume: bool = False
 ) -> Path:
@@ -304,7 +345,8 @@ def pretrain(
         gradient_clip_val=config.grad_clip,
         log_every_n_steps=min(10, config.eval_every),
         logger=CSVLogger(out_dir, name="logs"),
-        callbacks=callbacks + ([RichProgressBar()] if config.progress_bar else []),
+        callbacks=callbacks + ([StepProgressBar("pretrain", config.max_steps, lambda trainer: trainer.global_step,
+                                                progress_metrics)] if config.progress_bar else []),
         enable_progress_bar=config.progress_bar,
         enable_model_summary=False,
         default_root_dir=out_dir,
@@ -329,17 +371,46 @@ def pretrain(
     return model_path
 
 
+@dataclass
+class PretrainFlags(PretrainConfig):
+    """The command line of `python -m toy_moe.pretrain`: the PretrainConfig fields and where the run reads
+    and writes."""
+
+    data: Path = field(kw_only=True)
+    """examples, one 'prompt<TAB>answer' per line"""
+    out_dir: Path = Path("runs/pretrain")
+    """model.pt, config.yaml, checkpoints/last.ckpt, logs/"""
+    resume: bool = False
+    """continue from OUT_DIR/checkpoints/last.ckpt up to --max-steps"""
+    verbose: bool = False
+    """also show Lightning's own messages and library warnings"""
+    config: Path | None = None
+    """a config.yaml written by an earlier run: its values, with the flags after --config overriding them"""
+
+    def pretrain_config(self) -> PretrainConfig:
+        return PretrainConfig(**{name: getattr(self, name) for name in PretrainConfig.__dataclass_fields__})
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
-        prog="python -m toy_moe.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, required=True, help="examples, one 'prompt<TAB>answer' per line")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/pretrain"), help="(default: %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/last.ckpt")
-    add_config_flags(parser, PretrainConfig)
-    values = vars(parser.parse_args(argv))
-    config = config_from_flags(PretrainConfig, values)
-    return pretrain(read_examples(values["data"]), config, values["out_dir"], resume=values["resume"])
+    """Parse and check everything first (one line and exit 2 on bad input), then train."""
+    try:
+        flags = parse_flags(PretrainFlags, argv, prog="python -m toy_moe.pretrain", description=__doc__)
+        quiet_console(flags.verbose)
+        check_accelerator(flags.accelerator)
+        if flags.out_dir.exists() and not flags.out_dir.is_dir():
+            raise UsageError(f"--out-dir: got '{flags.out_dir}', which is a file; expected a folder")
+        if flags.resume and not (flags.out_dir / "checkpoints" / "last.ckpt").is_file():
+            raise UsageError(f"--resume: no checkpoint at {flags.out_dir / 'checkpoints' / 'last.ckpt'} to "
+                             "continue from (start without --resume)")
+        examples = read_examples(flags.data)
+        if not examples:
+            raise UsageError(f"--data: {flags.data} holds no examples; expected 'prompt<TAB>answer' lines")
+        config = flags.pretrain_config()
+        write_config(dataclasses.replace(flags, config=None), flags.out_dir / "config.yaml",
+                     rerun="python -m toy_moe.pretrain")
+        return pretrain(examples, config, flags.out_dir, resume=flags.resume)
+    except (UsageError, FileNotFoundError, ValueError) as error:
+        fail(name_flags(str(error)))
 
 
 if __name__ == "__main__":

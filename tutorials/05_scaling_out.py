@@ -40,10 +40,11 @@ matplotlib.use("Agg")  # figures are written to PNG files next to this tutorial
 import matplotlib.pyplot as plt
 import torch
 
-from minirspo.loss import group_advantages, router_logprobs_at, router_shift_ratio, rspo_loss
-from minirspo.policy import HFPolicy, make_tiny_hf_checkpoint
+from minirspo.loss import group_advantages, router_logprobs_at, router_shift_metrics, router_shift_ratio, rspo_loss
+from minirspo.policy import HFPolicy
 from minirspo.report import read_metrics
 from minirspo.tasks import make_task, score
+from minirspo.testing import make_tiny_hf_checkpoint
 
 FAST = os.environ.get("MINIRSPO_FAST") == "1"
 HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()  # a notebook runs in its folder
@@ -128,9 +129,10 @@ for half, old_scores in zip(halves, old):
     optimizer.zero_grad()
     out.loss.backward()
     optimizer.step()
+    shift = router_shift_metrics(gamma, mask, gamma_min=0.8)  # γ's statistics: the loss returns only its own
     print(f"minibatch {half.start // 64 + 1}: loss {float(out.loss.detach()):+.4f}, γ mean "
-          f"{float(out.metrics['gamma_mean']):.4f}, min {float(out.metrics['gamma_min']):.4f}, "
-          f"floored (γ < 0.8) {float(out.metrics['gamma_floored_frac']):.3f}")
+          f"{float(shift['gamma_mean']):.4f}, min {float(shift['gamma_min']):.4f}, "
+          f"floored (γ < 0.8) {float(shift['gamma_floored_frac']):.3f}")
     per_layer = [router_shift_ratio(new.router_logits[[layer]].detach(), old_scores.topk_idx[[layer]],
                                     old_topk_logprobs[[layer]], mask)[mask] for layer in range(len(new.router_logits))]
 

@@ -1,32 +1,21 @@
-"""The one door between the RL loop and a model: generate rollouts, score tokens, replay or freeze routing.
+"""`HFPolicy`: a Hugging Face causal LM, loaded from a local directory, behind the policy interface.
 
 Notation: B sequences, P prompt tokens (left-padded), N response tokens (right-padded), S = P + N,
 V vocabulary, D model dim, L MoE layers, E experts, K experts per token, C tokens per log-prob chunk.
 
-The loop (`minirspo.module`) never touches a model directly. A `Policy` turns prompt text into token
-ids, samples responses (a `Rollout`: tokens, per-token log-probs and top-K routing, nothing of size E per
-token), and scores given responses with the forward pass that trains (`Scores`: log-probs, entropy and
-router logits at the response tokens, plus the top-K routing of every position for routing replay).
-
-Alignment, shared by every implementation: the log-prob of response token n comes from the logits at
-position P + n − 1 (the position that predicts it); its routing ("the experts activated for token n",
-RSPO.md) is the router's choice at position P + n, where the token itself is processed.
-
-Two implementations: `ToyPolicy` (toy_moe) and `HFPolicy`, a Hugging Face causal LM loaded from a local
-directory, MoE or dense. On the MoE families (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral; transformers >= 5,
+MoE or dense. On the MoE families (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral; transformers >= 5,
 whose routers are `*TopKRouter` modules returning router logits, gates and experts), `RouterHooks` sits
 on every gate: it records what the gate chose and, for routing replay or router freezing, recomputes the
 gate as the family does (softmax over all E in float32, top-K, the K gates renormalised when the family
 does: always for Mixtral, per `norm_topk_prob` for the others) from forced experts or a detached weight.
 Log-probs are computed C tokens at a time (`ChunkedLogprobLM`), never as full float32 (B, S, V) logits.
+transformers is imported only where a model is built, so the toy path runs without it.
 """
 import contextlib
 import functools
 import os
 import sys
-from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,132 +23,15 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from minirspo.config import ROLLOUT_ENGINES
 from minirspo.loss import router_logprobs_at
-from toy_moe.generate import Rollout, generate, token_logprobs
-from toy_moe.model import ToyMoE
-from toy_moe.tokenizer import RANKS_PATH, SPECIAL_TOKENS, SPLIT_PATTERN, ToyTokenizer, parse_ranks
-
-__all__ = ["HFPolicy", "Policy", "Rollout", "Scores", "ToyPolicy", "load_policy", "make_tiny_hf_checkpoint",
-           "toy_hf_tokenizer"]
+from minirspo.policy.base import Policy, Scores, left_pad, next_token_entropy
+from toy_moe.generate import Rollout, token_logprobs
 
 # A hub lookup for a missing local file hangs ~25 s before failing; every model here is local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HF_MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
 
-
-class Scores(NamedTuple):
-    logprobs: Tensor       # (B, N) float32 log-prob of each response token, 0 at padding
-    entropy: Tensor        # (B, N) float32 entropy of the next-token distribution, detached
-    router_logits: Tensor  # (L, B, N, E) float32 raw router logits at the response tokens
-    topk_idx: Tensor       # (L, B, N, K) experts used at the response tokens
-    routing: Tensor        # (L, B, S, K) experts used at every position: what routing replay feeds back
-    aux_loss: Tensor       # scalar, the model's unweighted load-balance loss over real tokens
-
-
-@torch.no_grad()
-def next_token_entropy(logits: Tensor) -> Tensor:
-    """Entropy (nats, detached, float32) of softmax(logits) over the last dim: (..., V) -> (...)."""
-    log_p = logits.float().log_softmax(dim=-1)                                         # (..., V)
-    return -(log_p.exp() * torch.nan_to_num(log_p, neginf=0.0)).sum(-1)                # (...)
-
-
-class Policy(ABC):
-    """What the RL loop needs from a model. `model` is the nn.Module the optimiser trains."""
-
-    model: nn.Module
-
-    @property
-    @abstractmethod
-    def is_moe(self) -> bool:
-        """False for a dense model: RSPO then has no router to measure."""
-
-    @property
-    @abstractmethod
-    def decoder_layers(self) -> list[nn.Module]:
-        """The repeated blocks of `model`: one FSDP unit and one activation-checkpointing unit each."""
-
-    @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """Prompt texts -> left-padded ids (B, P) int64 and mask (B, P) bool."""
-
-    @abstractmethod
-    def decode_responses(self, tokens: Tensor, mask: Tensor) -> list[str]:
-        """Response ids (B, N) -> texts, stopping at the end-of-sequence token."""
-
-    @abstractmethod
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> Rollout:
-        """Sample responses without gradient (temperature 0 = greedy)."""
-
-    @abstractmethod
-    def score(self, prompt_ids: Tensor, prompt_mask: Tensor, tokens: Tensor, mask: Tensor, *,
-              routing: Tensor | None = None, freeze_router: bool = False,
-              temperature: float = 1.0) -> Scores:
-        """Score responses with the training forward; `routing` (L, B, S, K) replays given experts."""
-
-
-class ToyPolicy(Policy):
-    """`toy_moe.ToyMoE` behind the policy interface; special tokens other than EOS are never sampled."""
-
-    def __init__(self, model: ToyMoE, tokenizer: ToyTokenizer):
-        if model.config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"model vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
-                             f"{tokenizer.vocab_size}")
-        self.model, self.tokenizer = model, tokenizer
-        self.banned = tuple(i for i in tokenizer.special_ids if i != tokenizer.eos_id)
-
-    @property
-    def is_moe(self) -> bool:
-        return self.model.n_moe_layers > 0
-
-    @property
-    def decoder_layers(self) -> list[nn.Module]:
-        return list(self.model.blocks)
-
-    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        encoded = [self.tokenizer.encode_prompt(p) for p in prompts]
-        return _left_pad(encoded, self.tokenizer.pad_id, next(self.model.parameters()).device)
-
-    def decode_responses(self, tokens: Tensor, mask: Tensor) -> list[str]:
-        return [self.tokenizer.decode_response(row[valid]) for row, valid in zip(tokens.cpu(), mask.cpu())]
-
-    def generate(self, prompt_ids, prompt_mask, *, max_new_tokens, temperature=1.0, top_p=1.0,
-                 generator=None) -> Rollout:
-        return generate(self.model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, stop_tokens=(self.tokenizer.eos_id,),
-                        banned_tokens=self.banned, pad_id=self.tokenizer.pad_id, generator=generator)
-
-    def score(self, prompt_ids, prompt_mask, tokens, mask, *, routing=None, freeze_router=False,
-              temperature=1.0) -> Scores:
-        prompt_len = prompt_ids.shape[1]
-        ids = torch.cat([prompt_ids, tokens], dim=1)                                  # (B, S)
-        out = self.model(ids, torch.cat([prompt_mask, mask], dim=1), routing=routing,
-                         freeze_router=freeze_router)
-        next_logits = out.logits[:, prompt_len - 1:-1]                                 # (B, N, V)
-        logprobs = token_logprobs(next_logits, tokens, temperature=temperature, banned_tokens=self.banned)
-        return Scores(logprobs=torch.where(mask, logprobs, 0.0), entropy=next_token_entropy(next_logits),
-                      router_logits=out.router_logits[:, :, prompt_len:],              # (L, B, N, E)
-                      topk_idx=out.topk_idx[:, :, prompt_len:],                        # (L, B, N, K)
-                      routing=out.topk_idx, aux_loss=out.aux_loss)
-
-
-def _left_pad(encoded: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Token id lists -> left-padded ids (B, P) int64 and mask (B, P) bool, on `device`."""
-    width = max(len(ids) for ids in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)                  # (B, P)
-    mask = torch.zeros((len(encoded), width), dtype=torch.bool)                         # (B, P)
-    for row, prompt in enumerate(encoded):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = True
-    return ids.to(device), mask.to(device)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Hugging Face models
-# ---------------------------------------------------------------------------------------------------
 
 class RouterHooks:
     """Forward hooks on the MoE gates of an HF model, one gate per MoE layer, in layer order.
@@ -385,7 +257,7 @@ class HFPolicy(Policy):
             encoded = self.tokenizer(texts, add_special_tokens=False).input_ids
         else:
             encoded = self.tokenizer(prompts).input_ids
-        return _left_pad(encoded, self.pad_id, next(self.model.parameters()).device)
+        return left_pad(encoded, self.pad_id, next(self.model.parameters()).device)
 
     def decode_responses(self, tokens: Tensor, mask: Tensor) -> list[str]:
         return [self.tokenizer.decode(row[valid].tolist(), skip_special_tokens=True)
@@ -462,88 +334,3 @@ class HFPolicy(Policy):
         aux_loss = self.balance_loss(tuple(logits for logits, _ in records), gate.weight.shape[0], gate.top_k, valid)
         return Scores(logprobs=torch.where(mask, logprobs, 0.0), entropy=entropy, router_logits=router_logits,
                       topk_idx=used[:, :, prompt_len:], routing=used, aux_loss=aux_loss)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading, and tiny offline HF checkpoints for tests and benchmarks
-# ---------------------------------------------------------------------------------------------------
-
-def check_rollout_engine(rollout_engine: str, kind: str) -> None:
-    """--rollout-engine: `hf` samples with the model's own generate; `vllm` is the slot for a GPU engine."""
-    if rollout_engine not in ROLLOUT_ENGINES:
-        raise ValueError(f"unknown rollout_engine {rollout_engine!r}; choose one of {list(ROLLOUT_ENGINES)}")
-    if rollout_engine == "hf":
-        return
-    if kind == "toy":
-        raise ValueError("--rollout-engine vllm: the toy model samples with its own generate; use --rollout-engine hf")
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        raise ValueError("--rollout-engine vllm needs the vllm package (GPU only: pip install vllm); "
-                         "--rollout-engine hf samples with the model's own generate") from None
-    raise ValueError("--rollout-engine vllm: minirspo samples with HF generate only; a vLLM engine would need the "
-                     "trainer's weights pushed to it every RL step, which is not implemented")
-
-
-def load_policy(spec: str, *, rollout_engine: str = "hf", logprob_chunk_tokens: int = 4096) -> Policy:
-    """`toy:PATH` (a toy_moe checkpoint, see toy_moe.pretrain) or `hf:PATH` (a local Hugging Face model
-    directory: config, weights, tokenizer) -> a Policy. Clear errors for a bad spec or a missing path."""
-    kind, _, path = spec.partition(":")
-    if kind not in ("toy", "hf") or not path:
-        raise ValueError(f"model spec must be 'toy:PATH' or 'hf:PATH', got {spec!r}")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"model checkpoint not found: {path}")
-    check_rollout_engine(rollout_engine, kind)
-    if kind == "hf":
-        return HFPolicy.from_pretrained(path, logprob_chunk_tokens=logprob_chunk_tokens)
-    from toy_moe.pretrain import load_toy_checkpoint
-    model, tokenizer = load_toy_checkpoint(path)
-    return ToyPolicy(model, tokenizer)
-
-
-TOY_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|user|>{{ message['content'] }}{% endfor %}"
-                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def toy_hf_tokenizer():
-    """The toy BPE (toy_moe/data/toy_moe.tiktoken) as an HF `PreTrainedTokenizerFast`, built offline, whose
-    chat template gives the toy layout: it encodes every prompt exactly as `ToyTokenizer.encode_prompt`."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-    converter = TikTokenConverter(vocab_file=str(RANKS_PATH), pattern=SPLIT_PATTERN,
-                                  extra_special_tokens=list(SPECIAL_TOKENS))
-    # tiktoken's own loader caches local files by path, so after a ranks rebuild it could return stale ranks.
-    converter.load_tiktoken_bpe = lambda path: parse_ranks(Path(path).read_text(encoding="utf-8"), source=path)
-    return PreTrainedTokenizerFast(tokenizer_object=converter.converted(), bos_token="<|bos|>",
-                                   eos_token="<|eos|>", pad_token="<|pad|>", chat_template=TOY_CHAT_TEMPLATE)
-
-
-def make_tiny_hf_checkpoint(path: str | Path, family: str = "qwen3_moe", *, hidden_size: int = 32,
-                            n_layers: int = 2, n_heads: int = 2, n_experts: int = 4, top_k: int = 2,
-                            expert_hidden: int = 32, vocab_size: int | None = None, seed: int = 0,
-                            **config_overrides) -> Path:
-    """A random-init HF model of `family` (one of HF_MOE_FAMILIES, or a dense model_type such as "qwen3")
-    with `toy_hf_tokenizer`, saved to `path` without any hub access. Dense layers get hidden size
-    expert_hidden · top_k, the active compute of one MoE layer. `vocab_size` above the tokenizer's 512 adds
-    ids that are never sampled (a realistic LM-head cost for benchmarks)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    tokenizer = toy_hf_tokenizer()
-    sizes = dict(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, num_hidden_layers=n_layers,
-                 num_attention_heads=n_heads, num_key_value_heads=n_heads, head_dim=hidden_size // n_heads,
-                 intermediate_size=expert_hidden * top_k, max_position_embeddings=1024,
-                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                 pad_token_id=tokenizer.pad_token_id)
-    if family in HF_MOE_FAMILIES:
-        sizes |= dict(num_experts=n_experts, num_experts_per_tok=top_k)
-        if family in ("qwen2_moe", "qwen3_moe"):
-            sizes |= dict(moe_intermediate_size=expert_hidden)
-        else:  # OLMoE and Mixtral size their experts with intermediate_size
-            sizes |= dict(intermediate_size=expert_hidden)
-        if family == "qwen2_moe":
-            sizes |= dict(shared_expert_intermediate_size=expert_hidden)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **(sizes | config_overrides)))
-    path = Path(path)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path

@@ -1,0 +1,84 @@
+"""The policy interface: the one door between the RL loop and a model, and what every implementation shares.
+
+Notation: B sequences, P prompt tokens (left-padded), N response tokens (right-padded), S = P + N,
+V vocabulary, L MoE layers, E experts, K experts per token.
+
+The loop (`minirspo.module`) never touches a model directly. A `Policy` turns prompt text into token
+ids, samples responses (a `Rollout`: tokens, per-token log-probs and top-K routing, nothing of size E per
+token), and scores given responses with the forward pass that trains (`Scores`: log-probs, entropy and
+router logits at the response tokens, plus the top-K routing of every position for routing replay).
+
+Alignment, shared by every implementation: the log-prob of response token n comes from the logits at
+position P + n − 1 (the position that predicts it); its routing ("the experts activated for token n",
+RSPO.md) is the router's choice at position P + n, where the token itself is processed.
+"""
+from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from toy_moe.generate import Rollout
+
+
+class Scores(NamedTuple):
+    logprobs: Tensor       # (B, N) float32 log-prob of each response token, 0 at padding
+    entropy: Tensor        # (B, N) float32 entropy of the next-token distribution, detached
+    router_logits: Tensor  # (L, B, N, E) float32 raw router logits at the response tokens
+    topk_idx: Tensor       # (L, B, N, K) experts used at the response tokens
+    routing: Tensor        # (L, B, S, K) experts used at every position: what routing replay feeds back
+    aux_loss: Tensor       # scalar, the model's unweighted load-balance loss over real tokens
+
+
+@torch.no_grad()
+def next_token_entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats, detached, float32) of softmax(logits) over the last dim: (..., V) -> (...)."""
+    log_p = logits.float().log_softmax(dim=-1)                                         # (..., V)
+    return -(log_p.exp() * torch.nan_to_num(log_p, neginf=0.0)).sum(-1)                # (...)
+
+
+class Policy(ABC):
+    """What the RL loop needs from a model. `model` is the nn.Module the optimiser trains."""
+
+    model: nn.Module
+
+    @property
+    @abstractmethod
+    def is_moe(self) -> bool:
+        """False for a dense model: RSPO then has no router to measure."""
+
+    @property
+    @abstractmethod
+    def decoder_layers(self) -> list[nn.Module]:
+        """The repeated blocks of `model`: one FSDP unit and one activation-checkpointing unit each."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Prompt texts -> left-padded ids (B, P) int64 and mask (B, P) bool."""
+
+    @abstractmethod
+    def decode_responses(self, tokens: Tensor, mask: Tensor) -> list[str]:
+        """Response ids (B, N) -> texts, stopping at the end-of-sequence token."""
+
+    @abstractmethod
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> Rollout:
+        """Sample responses without gradient (temperature 0 = greedy)."""
+
+    @abstractmethod
+    def score(self, prompt_ids: Tensor, prompt_mask: Tensor, tokens: Tensor, mask: Tensor, *,
+              routing: Tensor | None = None, freeze_router: bool = False,
+              temperature: float = 1.0) -> Scores:
+        """Score responses with the training forward; `routing` (L, B, S, K) replays given experts."""
+
+
+def left_pad(encoded: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token id lists -> left-padded ids (B, P) int64 and mask (B, P) bool, on `device`."""
+    width = max(len(ids) for ids in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)                  # (B, P)
+    mask = torch.zeros((len(encoded), width), dtype=torch.bool)                         # (B, P)
+    for row, prompt in enumerate(encoded):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = True
+    return ids.to(device), mask.to(device)
