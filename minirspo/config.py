@@ -59,6 +59,8 @@ class LossSection:
     """ε_low; None: the loss's own default (grpo 0.2, gspo 3e-4, gmpo and rspo 0.4)"""
     clip_high: float | None = None
     """ε_high; None: the loss's own default (grpo 0.2, gspo 4e-4, gmpo and rspo 0.4)"""
+    scale_advantages: bool = True
+    """divide each group's advantages by its reward std (GRPO); --no-scale-advantages: r − mean (Dr. GRPO)"""
     routing_replay: bool = False
     """the training forward reuses the rollout's experts (the paper's routing-replay baseline)"""
     freeze_router: bool = False

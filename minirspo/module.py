@@ -138,7 +138,7 @@ class RLModule(L.LightningModule):
         self.model.train()
         responses = policy.decode_responses(rollout.tokens, rollout.mask)
         rewards = score(self.task, repeated, responses).to(self.device)                 # (B,)
-        advantages = group_advantages(rewards, cfg.group_size)                          # (B,)
+        advantages = group_advantages(rewards, cfg.group_size, normalize_std=cfg.scale_advantages)                          # (B,)
         size = cfg.minibatch_size // world
         minibatches = [Minibatch(prompt_ids[i:i + size], prompt_mask[i:i + size], rollout.tokens[i:i + size],
                                  rollout.mask[i:i + size], advantages[i:i + size])
