@@ -51,6 +51,9 @@ class LossSection:
     """grpo: token ratios; gspo: one sequence ratio; gmpo: their geometric mean; rspo: gmpo + router-shift weight"""
     router_shift: bool = False
     """router-shift weighting as a plug-in on grpo/gspo/gmpo (always on for rspo)"""
+    router_diagnostics: bool = True
+    """log γ and routing consistency for every loss (one footing for comparisons); --no-router-diagnostics skips
+    them where the loss does not use γ (rspo, --router-shift and --gamma-min auto always compute it)"""
     gamma_min: float | Literal["auto"] = 0.8
     """γ floor in (0, 1]; 0.8 as in public RSPO implementations; auto: track --gamma-floor-share"""
     gamma_floor_share: float = 0.05
@@ -112,7 +115,7 @@ class RunSection:
     max_steps: int = 150
     """RL steps (one rollout and its minibatch updates each)"""
     eval_every: int = 10
-    """held-out greedy accuracy every this many RL steps (and at the last)"""
+    """held-out greedy accuracy every this many RL steps and at the last (0: at the last only); timed apart"""
     eval_size: int = 200
     """held-out problems per evaluation"""
     checkpoint_every: int = 25
@@ -197,11 +200,11 @@ def check_values(config: RLConfig) -> None:
                           ("rollout_engine", ROLLOUT_ENGINES)):
         if getattr(config, name) not in choices:
             refuse(name, getattr(config, name), f"choose one of {', '.join(choices)}")
-    for name in ("n_prompts", "max_new_tokens", "minibatch_size", "ppo_epochs", "max_steps", "eval_every",
+    for name in ("n_prompts", "max_new_tokens", "minibatch_size", "ppo_epochs", "max_steps",
                  "eval_size", "checkpoint_every", "devices", "num_nodes", "logprob_chunk_tokens"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             refuse(name, getattr(config, name), "expected a whole number >= 1")
-    for name in ("warmup_steps", "seed"):
+    for name in ("warmup_steps", "seed", "eval_every"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 0:
             refuse(name, getattr(config, name), "expected a whole number >= 0")
     if not isinstance(config.group_size, int) or config.group_size < 2:

@@ -261,8 +261,8 @@ def _prepare(logprobs, old_logprobs, advantages, mask, router_shift, gamma_min) 
         if tuple(router_shift.shape) != shape:
             raise ValueError(f"router_shift must be (B, T) = {shape}, got {tuple(router_shift.shape)}")
         # sg[γ]; padding needs no masking: log max(γ, γ_min) is finite and every reader of log w̃ weights it.
-        # (In place on clamp's fresh copy: the RS path is three element-wise kernels, the whole price of RS.)
-        shifted = log_ratio + router_shift.detach().float().clamp(min=gamma_min).log_()  # (B, T)
+        # In place on clamp's fresh copy: three element-wise kernels and no new tensor, the whole price of RS.
+        shifted = router_shift.detach().float().clamp(min=gamma_min).log_().add_(log_ratio)  # (B, T)
     return _Batch(weight, n_valid, log_ratio, shifted, advantages.float())
 
 

@@ -8,18 +8,28 @@ One RL step:
     responses to each with the current policy: no gradient, KV cache (`Policy.generate`);
  2. reward each response with the task's verifier and compute group advantages (a group whose rewards
     are all equal gets Â = 0, hence no gradient, and is counted in `zero_variance_frac`);
- 3. score every minibatch once with the training forward, before any update: the *old* policy's
-    per-token log-probs and routing (top-K experts and the router log-probs at them, (L, B, N, K));
+ 3. score every minibatch but the first with the training forward, without gradient and before any
+    update: the *old* policy's per-token log-probs and routing (top-K experts and the router log-probs
+    at them, (L, B, N, K));
  4. `ppo_epochs` passes of optimiser steps over the minibatches with the chosen loss. The first
-    minibatch is exactly on-policy (ratio 1, γ 1); every later one is off-policy, which is where the
-    router shifts and RS weighting acts.
+    minibatch is exactly on-policy (ratio 1, γ 1): no update came before its first training forward,
+    so that forward, detached, *is* its old policy, and scoring it a second time would only repeat it
+    (except under routing replay, whose training forward needs the old routing as input). Every later
+    minibatch is off-policy, which is where the router shifts and RS weighting acts; further epochs
+    reuse the stored old values.
 
 Where this departs from "keep the rollout's log-probs as the old policy" (and why): step 3 re-scores
 the rollout with the training forward instead of keeping the log-probs and routing recorded while
-sampling. A KV-cache decode and a full forward differ in the last float bits (the prototype measured
-5e-7 on token log-probs and 8e-6 on router log-probs), enough to make γ < 1 and ratios ≠ 1 on a
-minibatch that is in truth on-policy, and a sampler such as vLLM differs far more. verl re-scores for
-the same reason. Only (L, B, N, K) of routing is kept, never (L, B, N, E).
+sampling, so the sampler records nothing but tokens. A KV-cache decode and a full forward differ in
+the last float bits (the prototype measured 5e-7 on token log-probs and 8e-6 on router log-probs),
+enough to make γ < 1 and ratios ≠ 1 on a minibatch that is in truth on-policy, and a sampler such as
+vLLM differs far more. verl re-scores for the same reason. Only (L, B, N, K) of routing is kept, never
+(L, B, N, E).
+
+Router diagnostics (γ statistics and routing consistency) are measured for every loss by default, so runs
+compare on one footing; `--no-router-diagnostics` skips them where the loss does not use γ (RS losses
+and --gamma-min auto always compute it), which is what "RSPO vs GMPO step time" must compare. Each row's
+`seconds` is the RL step alone; held-out evaluation is timed apart (`eval_seconds`).
 
 Distributed: prompts are split across ranks by whole groups, so advantages never need another rank;
 each rank's loss is a mean over its B sequences and DDP/FSDP average gradients, which equals the
@@ -83,6 +93,13 @@ class RLModule(L.LightningModule):
         # The floor γ_min is state, so that a checkpoint holds it and --gamma-min auto resumes exactly.
         self.register_buffer("gamma_floor", torch.tensor(AUTO_GAMMA_MIN_START if config.gamma_min == "auto"
                                                          else float(config.gamma_min)))
+        # γ is computed where the loss or the adaptive floor needs it, and for the diagnostics unless they are off
+        self.measures_router_shift = policy.is_moe and (config.uses_router_shift or config.gamma_min == "auto"
+                                                        or config.router_diagnostics)
+        # Routing replay feeds the old routing into the training forward, so that forward cannot be its own
+        # old policy; every other configuration trains the first minibatch from the parameters it was sampled with.
+        self.first_minibatch_is_its_own_old = not config.routing_replay
+        self.on_policy_old: OldPolicy | None = None
         self.reference = None
         if config.kl_coef > 0:  # the KL anchor is the policy as it was when RL started
             self.reference = copy.deepcopy(policy)
@@ -103,19 +120,31 @@ class RLModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         cfg = self.config
         step = self.global_step // cfg.updates_per_step
-        started = time.perf_counter()
-        row = {}
-        if step % cfg.eval_every == 0 or step == cfg.max_steps - 1:
+        row, eval_seconds = {}, 0.0
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps - 1:
+            evaluating = time.perf_counter()
             row["accuracy"] = self.evaluate()
+            eval_seconds = time.perf_counter() - evaluating
+        started = time.perf_counter()
         minibatches, rollout_stats = self.collect_rollouts(step)
-        old = [self.score_old(mb) for mb in minibatches]
-        updates = [self.update(mb, mb_old) for _ in range(cfg.ppo_epochs) for mb, mb_old in zip(minibatches, old)]
+        # the old policy of every minibatch, scored before any update; the first one's comes from its own
+        # first training forward (update(mb, None)), exact because nothing has been updated before it
+        old = [None if i == 0 and self.first_minibatch_is_its_own_old else self.score_old(mb)
+               for i, mb in enumerate(minibatches)]
+        updates = []
+        for _ in range(cfg.ppo_epochs):
+            for i, mb in enumerate(minibatches):
+                updates.append(self.update(mb, old[i]))
+                if old[i] is None:
+                    old[i], self.on_policy_old = self.on_policy_old, None
         for name in updates[0]:
             row[name] = torch.stack([u[name] for u in updates]).mean()
         row |= rollout_stats
         row = {name: float(self.trainer.strategy.reduce(torch.as_tensor(value, device=self.device).float(),
                                                         reduce_op="mean")) for name, value in row.items()}
         row["seconds"] = time.perf_counter() - started
+        if "accuracy" in row:
+            row["eval_seconds"] = eval_seconds
         for logger in self.loggers:
             logger.log_metrics(row, step=step)
         self.log_dict({"reward": row["reward_mean"], "γ": row.get("gamma_mean", 1.0)}, prog_bar=True, logger=False)
@@ -156,14 +185,30 @@ class RLModule(L.LightningModule):
         if self.reference is not None:
             ref_logprobs = self.reference.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
                                                 temperature=self.config.temperature).logprobs
-        topk_logprobs = router_logprobs_at(scores.router_logits, scores.topk_idx) if self.policy.is_moe else None
-        return OldPolicy(scores.logprobs, scores.topk_idx, topk_logprobs, scores.routing, ref_logprobs)
+        return self.as_old_policy(scores, ref_logprobs)
 
-    def update(self, mb: Minibatch, old: OldPolicy) -> dict[str, Tensor]:
+    @torch.no_grad()
+    def as_old_policy(self, scores, ref_logprobs: Tensor | None) -> OldPolicy:
+        """What later updates compare with, from a scoring forward (detached); router log-probs at the
+        top-K only when γ is measured."""
+        topk_logprobs = (router_logprobs_at(scores.router_logits.detach(), scores.topk_idx)
+                         if self.measures_router_shift else None)
+        return OldPolicy(scores.logprobs.detach(), scores.topk_idx, topk_logprobs, scores.routing, ref_logprobs)
+
+    def update(self, mb: Minibatch, old: OldPolicy | None) -> dict[str, Tensor]:
+        """One optimiser step on `mb`. `old` None: `mb` is on-policy and this forward is its old policy,
+        left in `self.on_policy_old` for the step's later epochs."""
         cfg = self.config
         scores = self.policy.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
                                    routing=old.routing if cfg.routing_replay else None,
                                    freeze_router=cfg.freeze_router, temperature=cfg.temperature)
+        if old is None:
+            ref_logprobs = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logprobs = self.reference.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
+                                                        temperature=cfg.temperature).logprobs
+            old = self.on_policy_old = self.as_old_policy(scores, ref_logprobs)
         gamma, router_metrics = self.router_shift(scores, old, mb.mask)
         out = policy_loss(cfg.loss, logprobs=scores.logprobs, old_logprobs=old.logprobs,
                           advantages=mb.advantages, mask=mb.mask, gamma_min=float(self.gamma_floor),
@@ -196,8 +241,9 @@ class RLModule(L.LightningModule):
     @torch.no_grad()
     def router_shift(self, scores, old: OldPolicy, mask: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
         """γ (M, N) of this minibatch against the old routing, and the router metrics; (None, {}) for a dense
-        model. γ is measured for every loss, so that runs without RS still log how far their router moved."""
-        if not self.policy.is_moe:
+        model or with diagnostics off. γ is measured for every loss by default, so that runs without RS still
+        log how far their router moved."""
+        if not self.measures_router_shift:
             return None, {}
         gamma = router_shift_ratio(scores.router_logits, old.topk_idx, old.topk_logprobs, mask)  # (M, N)
         return gamma, router_shift_metrics(gamma, mask, float(self.gamma_floor)) | {

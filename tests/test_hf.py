@@ -16,7 +16,6 @@ pytest.importorskip("transformers")
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from minirspo.config import RLConfig  # noqa: E402
-from minirspo.loss import router_logprobs_at  # noqa: E402
 from minirspo.module import RLModule  # noqa: E402
 from minirspo.policy import HFPolicy, load_policy  # noqa: E402
 from minirspo.tasks import make_task  # noqa: E402
@@ -171,31 +170,27 @@ def test_activation_checkpointing_recomputes_the_replayed_routing(checkpoints):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_generate_records_what_the_training_forward_computes(checkpoints, family):
+def test_generate_samples_what_the_training_forward_scores(checkpoints, family):
     policy = load_policy(f"hf:{checkpoints[family]}")
     prompt_ids, prompt_mask, _, _ = batch(policy)
-    rollout = policy.generate(prompt_ids, prompt_mask, max_new_tokens=6, temperature=1.0,
-                              generator=torch.Generator().manual_seed(0))
-    again = policy.generate(prompt_ids, prompt_mask, max_new_tokens=6, temperature=1.0,
-                            generator=torch.Generator().manual_seed(0))
-    other = policy.generate(prompt_ids, prompt_mask, max_new_tokens=6, temperature=1.0,
-                            generator=torch.Generator().manual_seed(1))
-    assert torch.equal(rollout.tokens, again.tokens) and not torch.equal(rollout.tokens, other.tokens)
-    assert not torch.isin(rollout.tokens[rollout.mask], torch.tensor(policy.banned)).any()
-    assert rollout.topk_idx.shape == (2, *rollout.tokens.shape, 2)
+    sampled = [policy.generate(prompt_ids, prompt_mask, max_new_tokens=6, temperature=1.0,
+                               generator=torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
+    assert torch.equal(sampled[0].tokens, sampled[1].tokens) and not torch.equal(sampled[0].tokens, sampled[2].tokens)
+    assert not torch.isin(sampled[0].tokens[sampled[0].mask], torch.tensor(policy.banned)).any()
+    # A greedy KV-cache decode picks, at every response position, the token the training forward ranks first
+    # among the allowed ones (its log-prob is the largest), wherever the top two are not within float noise.
+    greedy = policy.generate(prompt_ids, prompt_mask, max_new_tokens=6, temperature=0.0)
+    ids = torch.cat([prompt_ids, greedy.tokens], dim=1)                                # (B, S)
+    valid = torch.cat([prompt_mask, greedy.mask], dim=1)                               # (B, S)
     with torch.no_grad():
-        scores = policy.score(prompt_ids, prompt_mask, rollout.tokens, rollout.mask)
-    valid = rollout.mask
-    # KV-cache decoding vs one full forward: the same math in another order (the prototype saw 5e-7)
-    assert_close_in_ulps(rollout.logprobs[valid], scores.logprobs[valid])
-    router_logprobs = router_logprobs_at(scores.router_logits, rollout.topk_idx)      # (L, B, N, K)
-    assert_close_in_ulps(rollout.topk_logprobs[:, valid], router_logprobs[:, valid])
-    # the same experts wherever the K-th and (K+1)-th router probabilities are not within float noise
-    top = scores.router_logits.softmax(-1).topk(3, dim=-1).values                      # (L, B, N, 3)
-    # (1e-4 in probability is ~1000 ulps of a probability <= 1: the two paths cannot swap such a pair)
-    clear = (top[..., 1] - top[..., 2] > 1e-4) & valid
-    same = (rollout.topk_idx.sort(-1).values == scores.topk_idx.sort(-1).values).all(-1)
-    assert clear.float().mean() > 0.9 and same[clear].all()
+        logits = policy.model.lm(input_ids=ids, attention_mask=valid.long(),
+                                 position_ids=(valid.long().cumsum(1) - 1).clamp_min(0)).logits  # (B, S, V)
+    allowed = logits.float().index_fill(-1, torch.tensor(policy.banned), float("-inf"))[:, prompt_ids.shape[1] - 1:-1]
+    top = allowed.log_softmax(-1).topk(2, dim=-1).values                               # (B, N, 2)
+    # (1e-4 in log-prob is ~1000 ulps of log-probs of order 1: the two paths cannot swap such a pair)
+    clear = (top[..., 0] - top[..., 1] > 1e-4) & greedy.mask
+    assert clear[greedy.mask].float().mean() > 0.9
+    assert torch.equal(allowed.argmax(-1)[clear], greedy.tokens[clear])
 
 
 def test_generation_stops_at_a_stop_token_and_masks_after_it(checkpoints):
@@ -216,7 +211,6 @@ def test_generation_stops_at_a_stop_token_and_masks_after_it(checkpoints):
         length = length_through_first_stop(greedy.tokens[row], policy.stop_ids)
         assert stopped.mask[row].sum() == length and stopped.mask[row, :length].all()
         assert torch.equal(stopped.tokens[row, :length], greedy.tokens[row, :length])
-        assert (stopped.logprobs[row, length:] == 0).all() and (stopped.topk_logprobs[:, row, length:] == 0).all()
 
 
 def test_prompts_encode_like_the_toy_tokenizer(checkpoints):
@@ -275,7 +269,7 @@ def test_load_policy_errors(tmp_path, checkpoints):
 def test_rl_steps_run_end_to_end(checkpoints, tmp_path, capsys, family, flags):
     config = RLConfig(model=f"hf:{checkpoints[family]}", out=str(tmp_path / "run"), max_steps=2, n_prompts=2,
                       group_size=2, minibatch_size=2, max_new_tokens=4, eval_size=2, eval_every=1,
-                      logprob_chunk_tokens=5, **flags)
+                      logprob_chunk_tokens=5, verbose=True, **flags)  # the aux-loss note is a --verbose message
     with open(run(config)) as file:
         rows = list(csv.DictReader(file))
     assert "router load-balance loss is off during RL" in capsys.readouterr().out
@@ -283,6 +277,28 @@ def test_rl_steps_run_end_to_end(checkpoints, tmp_path, capsys, family, flags):
     for row in rows:
         assert math.isfinite(float(row["loss"])) and 0 < float(row["gamma_mean"]) <= 1
         assert 0 <= float(row["accuracy"]) <= 1 and float(row["aux_loss"]) > 0
+
+
+@pytest.mark.parametrize("family,flags", [("qwen3_moe", dict(loss="rspo", kl_coef=0.1)),
+                                          ("mixtral", dict(loss="gmpo", freeze_router=True, activation_checkpointing=True,
+                                                           logprob_chunk_tokens=5))])
+def test_the_first_minibatch_is_its_own_old_policy(checkpoints, tmp_path, monkeypatch, family, flags):
+    from test_train import assert_same_old_policy  # the comparison and its tolerance, explained there
+    calls = []
+    real_update = RLModule.update
+
+    def checking_update(self, mb, old):
+        scored = self.score_old(mb) if old is None else None  # before this update moves the parameters
+        metrics = real_update(self, mb, old)
+        calls.append((old, scored, self.on_policy_old))
+        return metrics
+
+    monkeypatch.setattr(RLModule, "update", checking_update)
+    run(RLConfig(model=f"hf:{checkpoints[family]}", out=str(tmp_path / "run"), max_steps=1, n_prompts=2,
+                 group_size=2, minibatch_size=2, max_new_tokens=4, eval_size=2, aux_loss_coef=1.0, lr=1e-2, **flags))
+    (first_old, scored, reused), (second_old, _, _) = calls
+    assert first_old is None and second_old is not None
+    assert_same_old_policy(reused, scored)
 
 
 def test_a_dense_model_trains_with_a_loss_that_needs_no_router(checkpoints, tmp_path):

@@ -14,6 +14,7 @@ from minirspo.train import main
 from minirspo.warmstart import warm_start
 from toy_moe.model import ToyMoE, ToyMoEConfig
 from toy_moe.pretrain import PretrainConfig, load_toy_checkpoint, save_toy_checkpoint
+from tolerance import assert_close_in_ulps  # tests/tolerance.py: why these bounds hold on any CPU
 
 TINY = ToyMoEConfig(d_model=32, n_layers=2, n_heads=2, n_experts=4, top_k=2, expert_hidden=32, max_seq_len=64)
 REQUIRED_COLUMNS = {"step", "reward_mean", "accuracy", "response_len", "entropy", "clip_frac", "approx_kl",
@@ -72,7 +73,7 @@ def test_resume_is_bit_exact(tiny_checkpoint, tmp_path):
     straight = read_metrics(tmp_path / "straight" / "metrics.csv")
     resumed = read_metrics(tmp_path / "resumed" / "metrics.csv")
     assert straight["step"] == resumed["step"] == [0.0, 1.0, 2.0, 3.0]
-    for name in set(straight) - {"seconds"}:
+    for name in set(straight) - {"seconds", "eval_seconds"}:  # wall-clock times are not state
         assert straight[name] == pytest.approx(resumed[name], abs=0, rel=0, nan_ok=True), name
     final = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)
              for run in ("straight", "resumed")]
@@ -105,6 +106,56 @@ def test_first_minibatch_is_on_policy_and_later_ones_are_not(tiny_checkpoint, tm
     assert first["routing_consistency"] == 1.0
     assert all(m["approx_kl"] > 0 for m in later)
     assert all(m["gamma_mean"] < 1.0 for m in later)
+
+
+def assert_same_old_policy(reused, scored):
+    """The first minibatch's old policy taken from its training forward against a separate no-grad scoring.
+    Both run the same forward on the same parameters (with and without autograd recording), so they can
+    differ only by the order of float32 reductions: MODEL_ULPS ulps of the largest value compared (see
+    tests/tolerance.py). Experts are compared exactly: swapping two would need router logits within a
+    rounding error of each other."""
+    assert_close_in_ulps(reused.logprobs, scored.logprobs)
+    assert_close_in_ulps(reused.topk_logprobs, scored.topk_logprobs)
+    assert_close_in_ulps(reused.ref_logprobs, scored.ref_logprobs)
+    assert torch.equal(reused.topk_idx, scored.topk_idx) and torch.equal(reused.routing, scored.routing)
+    assert not reused.logprobs.requires_grad and reused.logprobs.abs().sum() > 0  # detached, and not all padding
+
+
+def test_the_first_minibatch_is_its_own_old_policy(tiny_checkpoint, tmp_path, monkeypatch):
+    calls = []
+    real_update = RLModule.update
+
+    def checking_update(self, mb, old):
+        scored = self.score_old(mb) if old is None else None  # before this update moves the parameters
+        metrics = real_update(self, mb, old)
+        calls.append((old, scored, self.on_policy_old))
+        return metrics
+
+    monkeypatch.setattr(RLModule, "update", checking_update)
+    # 2 minibatches × 2 epochs; a KL reference, so its log-probs are part of the reused old policy too
+    main(tiny_args(tiny_checkpoint, tmp_path, "--loss", "rspo", "--max-steps", "1", "--ppo-epochs", "2",
+                   "--kl-coef", "0.1", "--aux-loss-coef", "1", "--lr", "2e-2"))
+    (first_old, scored, reused), (second_old, _, _), (again, _, _), (second_again, _, _) = calls
+    assert first_old is None and second_old is not None  # only the on-policy minibatch skips the scoring
+    assert_same_old_policy(reused, scored)
+    assert again is reused and second_again is second_old  # the second epoch reuses the stored old values
+
+
+def test_eval_every_0_evaluates_at_the_end_only_and_times_evaluation_apart(tiny_checkpoint, tmp_path):
+    main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "3", "--eval-every", "0"))
+    metrics = read_metrics(tmp_path / "metrics.csv")
+    assert [math.isnan(v) for v in metrics["accuracy"]] == [True, True, False]  # the final number is kept
+    assert [math.isnan(v) for v in metrics["eval_seconds"]] == [True, True, False]
+    assert metrics["eval_seconds"][-1] > 0 and all(v > 0 for v in metrics["seconds"])
+
+
+@pytest.mark.parametrize("loss,diagnostics", [("grpo", False), ("rspo", True)])
+def test_router_diagnostics_off_skips_gamma_unless_the_loss_uses_it(tiny_checkpoint, tmp_path, loss, diagnostics):
+    main(tiny_args(tiny_checkpoint, tmp_path, "--loss", loss, "--no-router-diagnostics"))
+    columns = set(read_metrics(tmp_path / "metrics.csv"))
+    for name in ("gamma_mean", "gamma_min", "gamma_floored_frac", "routing_consistency"):
+        assert (name in columns) == diagnostics, name
+    assert {"loss", "ratio_mean", "clip_frac", "seconds"} <= columns
 
 
 def test_unknown_loss_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):
@@ -275,7 +326,7 @@ BAD_INPUT = [
     (["--minibatch-size", "48"], "--minibatch-size"),
     (["--max-new-tokens", "-1"], "--max-new-tokens"),
     (["--eval-size", "0"], "--eval-size"),
-    (["--eval-every", "0"], "--eval-every"),
+    (["--eval-every", "-1"], "--eval-every"),
     (["--max-steps", "0"], "--max-steps"),
     (["--lr", "0"], "--lr"),
     (["--lr", "fast"], "--lr"),

@@ -10,12 +10,11 @@ benchmarks are in `minirspo.testing`.
 from pathlib import Path
 
 from minirspo.config import ROLLOUT_ENGINES
-from minirspo.policy.base import Policy, Scores
+from minirspo.policy.base import Policy, Samples, Scores
 from minirspo.policy.hf import HF_MOE_FAMILIES, HFPolicy
 from minirspo.policy.toy import ToyPolicy
-from toy_moe.generate import Rollout
 
-__all__ = ["HF_MOE_FAMILIES", "HFPolicy", "Policy", "Rollout", "Scores", "ToyPolicy", "check_rollout_engine",
+__all__ = ["HF_MOE_FAMILIES", "HFPolicy", "Policy", "Samples", "Scores", "ToyPolicy", "check_rollout_engine",
            "load_policy"]
 
 

@@ -4,9 +4,10 @@ Notation: B sequences, P prompt tokens (left-padded), N response tokens (right-p
 V vocabulary, L MoE layers, E experts, K experts per token.
 
 The loop (`minirspo.module`) never touches a model directly. A `Policy` turns prompt text into token
-ids, samples responses (a `Rollout`: tokens, per-token log-probs and top-K routing, nothing of size E per
-token), and scores given responses with the forward pass that trains (`Scores`: log-probs, entropy and
-router logits at the response tokens, plus the top-K routing of every position for routing replay).
+ids, samples responses (`Samples`: tokens and their mask, nothing else, since the loop re-scores every
+response with the training forward), and scores given responses with the forward pass that trains
+(`Scores`: log-probs, entropy and router logits at the response tokens, plus the top-K routing of every
+position for routing replay).
 
 Alignment, shared by every implementation: the log-prob of response token n comes from the logits at
 position P + n − 1 (the position that predicts it); its routing ("the experts activated for token n",
@@ -18,7 +19,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from toy_moe.generate import Rollout
+
+class Samples(NamedTuple):
+    tokens: Tensor  # (B, N) sampled response tokens; padding after a row's stop token
+    mask: Tensor    # (B, N) bool, True up to and including the first stop token
 
 
 class Scores(NamedTuple):
@@ -63,7 +67,7 @@ class Policy(ABC):
     @abstractmethod
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> Rollout:
+                 generator: torch.Generator | None = None) -> Samples:
         """Sample responses without gradient (temperature 0 = greedy)."""
 
     @abstractmethod

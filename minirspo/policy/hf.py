@@ -23,9 +23,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from minirspo.loss import router_logprobs_at
-from minirspo.policy.base import Policy, Scores, left_pad, next_token_entropy
-from toy_moe.generate import Rollout, token_logprobs
+from minirspo.policy.base import Policy, Samples, Scores, left_pad, next_token_entropy
+from toy_moe.generate import token_logprobs
 
 # A hub lookup for a missing local file hangs ~25 s before failing; every model here is local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,49 +127,11 @@ class ChunkedLogprobLM(nn.Module):
         return logprobs, next_token_entropy(logits)
 
     @torch.no_grad()
-    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, generation_config, logits_processor) -> Tensor:
-        """HF `generate` (KV cache) after left-padded prompts (B, P), then one more cached step that feeds
-        the last sampled token, so its routing is recorded like every earlier token's. -> tokens (B, N).
-        `generation_config` must set use_cache and return_dict_in_generate (that step needs the cache)."""
-        out = self.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(),
-                               generation_config=generation_config, logits_processor=logits_processor)
-        tokens = out.sequences[:, prompt_ids.shape[1]:]                                    # (B, N)
-        mask = torch.cat([prompt_mask.long(), torch.ones_like(tokens)], dim=1)            # (B, S)
-        # `past_key_values`: the name every transformers 5 release accepts (a later 5.x renamed it `cache`, keeping
-        # this one, with a warning, until 5.40); the GPU image here has 5.17, this checkout 5.24.
-        self.lm(input_ids=tokens[:, -1:], attention_mask=mask, position_ids=mask.cumsum(dim=1)[:, -1:] - 1,
-                past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-        return tokens
-
-
-class SampledTokenLogprobs:
-    """A logits processor for HF `generate` (duck-typed): bans tokens for the sampler and keeps the log-prob
-    of each sampled token under the distribution the RL loss recomputes (`token_logprobs`: temperature-
-    scaled, banned tokens masked, before top-p).
-
-    HF runs custom processors before its temperature and top-p warpers, so `scores` here are the raw logits.
-    A step learns which token its logits produced only at the next step (the last column of `input_ids`),
-    so one step of logits (B, V) is kept; `logprobs` scores the final token."""
-
-    def __init__(self, temperature: float, banned_tokens: tuple[int, ...]):
-        self.temperature, self.banned_tokens = temperature, banned_tokens
-        self.previous: Tensor | None = None
-        self.steps: list[Tensor] = []
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.previous is not None:
-            self.steps.append(token_logprobs(self.previous, input_ids[:, -1], temperature=self.temperature,
-                                             banned_tokens=self.banned_tokens))            # (B,)
-        self.previous = scores                                                             # (B, V)
-        if not self.banned_tokens:
-            return scores
-        return scores.index_fill(-1, torch.tensor(self.banned_tokens, device=scores.device), float("-inf"))
-
-    def logprobs(self, tokens: Tensor) -> Tensor:
-        """Log-probs (B, N) of the sampled `tokens` (B, N), once generation is over."""
-        last = token_logprobs(self.previous, tokens[:, -1], temperature=self.temperature,
-                              banned_tokens=self.banned_tokens)                            # (B,)
-        return rearrange([*self.steps, last], "n b -> b n")                                # (B, N)
+    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, generation_config) -> Tensor:
+        """HF `generate` (KV cache) after left-padded prompts (B, P) -> the sampled tokens (B, N)."""
+        sequences = self.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(),
+                                     generation_config=generation_config)                  # (B, P + N)
+        return sequences[:, prompt_ids.shape[1]:]                                          # (B, N)
 
 
 @contextlib.contextmanager
@@ -265,45 +226,26 @@ class HFPolicy(Policy):
 
     @torch.no_grad()
     def generate(self, prompt_ids, prompt_mask, *, max_new_tokens, temperature=1.0, top_p=1.0,
-                 generator=None) -> Rollout:
-        """The model's own `generate` with a KV cache; temperature 0 = greedy (log-probs then at temperature 1).
-        Routing is recorded by the gate hooks as each sampled token is fed back."""
+                 generator=None) -> Samples:
+        """The model's own `generate` with a KV cache; temperature 0 = greedy. Only tokens: the loop scores
+        them with the training forward (`score`), so nothing else is computed here."""
         from transformers import GenerationConfig
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
         greedy = temperature == 0
+        # suppress_tokens: the banned ids get -inf logits before sampling (HF's SuppressTokensLogitsProcessor)
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy,
                                   temperature=None if greedy else temperature, top_p=None if greedy else top_p,
                                   top_k=None if greedy else 0, pad_token_id=self.pad_id, eos_token_id=list(self.stop_ids),
-                                  use_cache=True, return_dict_in_generate=True)
-        sampled = SampledTokenLogprobs(1.0 if greedy else temperature, self.banned)
-        self.router.configure(replay=None, freeze=False)
-        with self.router.recording() as records, _rng_from(generator, prompt_ids.device):
-            tokens = self.model.sample(prompt_ids, prompt_mask, config, [sampled])         # (B, N)
+                                  suppress_tokens=list(self.banned) or None, use_cache=True)
+        self.router.configure(replay=None, freeze=False)  # a replay left by the last `score` must not apply here
+        with _rng_from(generator, prompt_ids.device):
+            tokens = self.model.sample(prompt_ids, prompt_mask, config)                    # (B, N)
         is_stop = torch.isin(tokens, torch.tensor(self.stop_ids, device=tokens.device))   # (B, N)
         mask = (is_stop.cumsum(dim=1) - is_stop.long()) == 0                               # (B, N) through 1st stop
-        logprobs = torch.where(mask, sampled.logprobs(tokens), 0.0)                        # (B, N)
-        if not self.is_moe:  # no routing: (0, B, N, 0), like its scores
-            no_routing = tokens.new_zeros((0, *tokens.shape, 0))
-            return Rollout(tokens, logprobs, mask, no_routing, no_routing.float())
-        n_layers, n_steps = len(self.router.gates), tokens.shape[1]
-        # Passes: the prompt, tokens 1..N-1 fed back, then our extra step feeding token N. Under FSDP on several
-        # processes, transformers' synced_gpus makes a rank that has finished run dummy passes until every
-        # rank has, between its last real pass and our extra step: whole passes, dropped here.
-        extra = len(records) - n_layers * (n_steps + 1)
-        if extra < 0 or extra % n_layers:
-            raise RuntimeError(f"expected {n_steps + 1} forward passes of {n_layers} gates while generating "
-                               f"{n_steps} tokens, recorded {len(records)} gate calls")
-        token_records = records[n_layers:n_layers * n_steps] + records[len(records) - n_layers:]
-        topk_idx = rearrange(torch.stack([experts for _, experts in token_records]),
-                             "(n l) b k -> l b n k", l=n_layers)                            # (L, B, N, K)
-        router_logits = rearrange(torch.stack([logits for logits, _ in token_records]),
-                                  "(n l) b e -> l b n e", l=n_layers)                       # (L, B, N, E)
-        topk_logprobs = torch.where(rearrange(mask, "b n -> 1 b n 1"),
-                                    router_logprobs_at(router_logits, topk_idx), 0.0)       # (L, B, N, K)
-        return Rollout(tokens, logprobs, mask, topk_idx, topk_logprobs)
+        return Samples(tokens, mask)
 
     def score(self, prompt_ids, prompt_mask, tokens, mask, *, routing=None, freeze_router=False,
               temperature=1.0) -> Scores:

@@ -6,8 +6,8 @@ K experts per token.
 import torch
 from torch import Tensor, nn
 
-from minirspo.policy.base import Policy, Scores, left_pad, next_token_entropy
-from toy_moe.generate import Rollout, generate, token_logprobs
+from minirspo.policy.base import Policy, Samples, Scores, left_pad, next_token_entropy
+from toy_moe.generate import generate, token_logprobs
 from toy_moe.model import ToyMoE
 from toy_moe.tokenizer import ToyTokenizer
 
@@ -38,10 +38,12 @@ class ToyPolicy(Policy):
         return [self.tokenizer.decode_response(row[valid]) for row, valid in zip(tokens.cpu(), mask.cpu())]
 
     def generate(self, prompt_ids, prompt_mask, *, max_new_tokens, temperature=1.0, top_p=1.0,
-                 generator=None) -> Rollout:
-        return generate(self.model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, stop_tokens=(self.tokenizer.eos_id,),
-                        banned_tokens=self.banned, pad_id=self.tokenizer.pad_id, generator=generator)
+                 generator=None) -> Samples:
+        """toy_moe's cached sampler; it also records log-probs and routing, which the loop does not use."""
+        rollout = generate(self.model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, stop_tokens=(self.tokenizer.eos_id,),
+                           banned_tokens=self.banned, pad_id=self.tokenizer.pad_id, generator=generator)
+        return Samples(rollout.tokens, rollout.mask)
 
     def score(self, prompt_ids, prompt_mask, tokens, mask, *, routing=None, freeze_router=False,
               temperature=1.0) -> Scores:
