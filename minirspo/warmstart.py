@@ -19,9 +19,16 @@ from rich.console import Console
 
 from minirspo.config import RLConfig
 from toy_moe.entrypoint import write_config
-from toy_moe.pretrain import pretrain
+from toy_moe.pretrain import PretrainConfig, pretrain
 
 WARM_START_EXAMPLES = 20_000  # (prompt, answer) pairs drawn from the task's train split
+
+
+def until(pretrain: PretrainConfig) -> str:
+    """How long the warm start trains, in words."""
+    if pretrain.stop_at_accuracy is None:
+        return f"{pretrain.max_steps} steps"
+    return f"until {pretrain.stop_at_accuracy:.0%} held-out greedy accuracy (at most {pretrain.max_steps} steps)"
 
 
 def warm_start(config: RLConfig) -> Path:
@@ -35,7 +42,7 @@ def warm_start(config: RLConfig) -> Path:
                                       "settings)")
     else:
         Console(soft_wrap=True).print(f"[bold]warm start:[/] supervised pretraining of the toy MoE on {config.task}, "
-                                      f"{config.pretrain.max_steps} steps -> {out_dir}")
+                                      f"{until(pretrain_config)} -> {out_dir}")
         settings_only = {"task": config.task, "task_options": config.task_options, "seed": config.seed,
                          "warmstart_dir": config.warmstart_dir, "pretrain": pretrain_config}
         write_config(settings_only, out_dir / "config.yaml", rerun="python -m minirspo.train")
