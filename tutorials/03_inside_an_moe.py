@@ -49,9 +49,9 @@ from toy_moe.pretrain import PretrainConfig, load_toy_checkpoint
 
 FAST = os.environ.get("MINIRSPO_FAST") == "1"
 HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()  # a notebook runs in its folder
-# The CPU prototype's warm start, shortened to 300 AdamW steps: some a+b= answers right, not all.
-WARM_START = PretrainConfig(max_steps=20 if FAST else 300, eval_every=20 if FAST else 100,
-                            eval_examples=64, progress_bar=False)
+# The default run's warm start: pretraining stops once ~10% of held-out a+b= answers are right, not all.
+WARM_START = (PretrainConfig(max_steps=20, eval_every=20, eval_examples=64, progress_bar=False) if FAST
+              else RLConfig().pretrain)
 config = RLConfig(task="arithmetic", warmstart_dir=str(HERE / "runs" / "warmstart"), pretrain=WARM_START)
 model, tokenizer = load_toy_checkpoint(warm_start(config))
 policy = ToyPolicy(model, tokenizer)
