@@ -42,6 +42,7 @@ from typing import NamedTuple
 import lightning as L
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from minirspo.config import RLConfig
 from minirspo.distributed import clip_grad_norm, parallelize
@@ -110,8 +111,12 @@ class RLModule(L.LightningModule):
 
     # --- optimiser --------------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr,
-                                      weight_decay=self.config.weight_decay)
+        # fused: one kernel for all parameters (a 14M-parameter step takes 10 ms instead of 90 ms on one CPU core,
+        # benchmarks/README.md); sharded (DTensor) parameters keep PyTorch's default implementation
+        params = list(self.model.parameters())
+        fused = all(p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params)
+        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay,
+                                      fused=fused or None)
         warmup = max(self.config.warmup_steps, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
         return [optimizer], [{"scheduler": schedule, "interval": "step"}]
