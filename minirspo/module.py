@@ -61,11 +61,13 @@ class Minibatch(NamedTuple):
 
 
 class OldPolicy(NamedTuple):
+    """What an update compares with; router state only where it is used: L·M·N·K·12 bytes for γ (int64
+    experts + float32 log-probs), L·M·S·K·8 bytes for routing replay, nothing otherwise."""
     logprobs: Tensor       # (M, N) log π_old of each response token
-    topk_idx: Tensor       # (L, M, N, K) experts π_old activated at each response token
-    topk_logprobs: Tensor | None  # (L, M, N, K) π_old's router log-probs at those experts (None: dense)
-    routing: Tensor        # (L, M, S, K) π_old's experts at every position, for routing replay
-    ref_logprobs: Tensor | None  # (M, N) reference-model log-probs when kl_coef > 0
+    topk_idx: Tensor | None       # (L, M, N, K) experts π_old activated at each response token (None: no γ)
+    topk_logprobs: Tensor | None  # (L, M, N, K) π_old's router log-probs at those experts (None: no γ)
+    routing: Tensor | None        # (L, M, S, K) π_old's experts at every position (None: no routing replay)
+    ref_logprobs: Tensor | None   # (M, N) reference-model log-probs when kl_coef > 0
 
 
 AUTO_GAMMA_MIN_START = 0.8           # --gamma-min auto starts at the fixed default
@@ -194,11 +196,14 @@ class RLModule(L.LightningModule):
 
     @torch.no_grad()
     def as_old_policy(self, scores, ref_logprobs: Tensor | None) -> OldPolicy:
-        """What later updates compare with, from a scoring forward (detached); router log-probs at the
-        top-K only when γ is measured."""
-        topk_logprobs = (router_logprobs_at(scores.router_logits.detach(), scores.topk_idx)
-                         if self.measures_router_shift else None)
-        return OldPolicy(scores.logprobs.detach(), scores.topk_idx, topk_logprobs, scores.routing, ref_logprobs)
+        """What later updates compare with, from a scoring forward (detached), keeping router state only
+        where it is used (`OldPolicy`)."""
+        topk_idx = topk_logprobs = None
+        if self.measures_router_shift:
+            topk_idx = scores.topk_idx.clone(memory_format=torch.contiguous_format)  # (L, M, N, K): a view would keep S
+            topk_logprobs = router_logprobs_at(scores.router_logits.detach(), topk_idx)     # (L, M, N, K)
+        routing = scores.routing if self.config.routing_replay else None                   # (L, M, S, K)
+        return OldPolicy(scores.logprobs.detach(), topk_idx, topk_logprobs, routing, ref_logprobs)
 
     def update(self, mb: Minibatch, old: OldPolicy | None) -> dict[str, Tensor]:
         """One optimiser step on `mb`. `old` None: `mb` is on-policy and this forward is its old policy,
