@@ -283,17 +283,8 @@ def test_rl_steps_run_end_to_end(checkpoints, tmp_path, capsys, family, flags):
                                           ("mixtral", dict(loss="gmpo", freeze_router=True, activation_checkpointing=True,
                                                            logprob_chunk_tokens=5))])
 def test_the_first_minibatch_is_its_own_old_policy(checkpoints, tmp_path, monkeypatch, family, flags):
-    from test_train import assert_same_old_policy  # the comparison and its tolerance, explained there
-    calls = []
-    real_update = RLModule.update
-
-    def checking_update(self, mb, old):
-        scored = self.score_old(mb) if old is None else None  # before this update moves the parameters
-        metrics = real_update(self, mb, old)
-        calls.append((old, scored, self.on_policy_old))
-        return metrics
-
-    monkeypatch.setattr(RLModule, "update", checking_update)
+    from test_train import assert_same_old_policy, record_updates  # the comparison and its tolerance are explained there
+    calls = record_updates(monkeypatch)
     run(RLConfig(model=f"hf:{checkpoints[family]}", out=str(tmp_path / "run"), max_steps=1, n_prompts=2,
                  group_size=2, minibatch_size=2, max_new_tokens=4, eval_size=2, aux_loss_coef=1.0, lr=1e-2, **flags))
     (first_old, scored, reused), (second_old, _, _) = calls

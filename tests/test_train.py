@@ -123,7 +123,9 @@ def assert_same_old_policy(reused, scored):
     assert not reused.logprobs.requires_grad and reused.logprobs.abs().sum() > 0  # detached, and not all padding
 
 
-def test_the_first_minibatch_is_its_own_old_policy(tiny_checkpoint, tmp_path, monkeypatch):
+def record_updates(monkeypatch) -> list:
+    """Patch RLModule.update to record (the old policy it was given, a separate no-grad scoring of an on-policy
+    minibatch taken before its update, the old policy the update derived) per call."""
     calls = []
     real_update = RLModule.update
 
@@ -134,6 +136,11 @@ def test_the_first_minibatch_is_its_own_old_policy(tiny_checkpoint, tmp_path, mo
         return metrics
 
     monkeypatch.setattr(RLModule, "update", checking_update)
+    return calls
+
+
+def test_the_first_minibatch_is_its_own_old_policy(tiny_checkpoint, tmp_path, monkeypatch):
+    calls = record_updates(monkeypatch)
     # 2 minibatches × 2 epochs; a KL reference, so its log-probs are part of the reused old policy too
     main(tiny_args(tiny_checkpoint, tmp_path, "--loss", "rspo", "--max-steps", "1", "--ppo-epochs", "2",
                    "--kl-coef", "0.1", "--aux-loss-coef", "1", "--lr", "2e-2"))
