@@ -223,7 +223,7 @@ class RLModule(L.LightningModule):
         out = policy_loss(cfg.loss, logprobs=scores.logprobs, old_logprobs=old.logprobs,
                           advantages=mb.advantages, mask=mb.mask, gamma_min=float(self.gamma_floor),
                           router_shift=gamma if cfg.uses_router_shift else None, **self.clip)
-        loss = out.loss + cfg.aux_loss_coef * scores.aux_loss
+        loss = out.loss + cfg.aux_loss_coef * scores.aux_loss if cfg.aux_loss_coef else out.loss  # no 0·aux backward
         metrics = {"loss": out.loss.detach(), "aux_loss": scores.aux_loss.detach()}
         if old.ref_logprobs is not None:
             kl = kl_to_reference(scores.logprobs, old.ref_logprobs, mb.mask)
