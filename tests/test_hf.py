@@ -210,6 +210,9 @@ def test_generate_samples_what_the_training_forward_scores(checkpoints, family):
     assert not torch.isin(sampled[0].tokens[sampled[0].mask], torch.tensor(policy.banned)).any()
     # A greedy KV-cache decode picks, at every response position, the token the training forward ranks first
     # among the allowed ones (its log-prob is the largest), wherever the top two are not within float noise.
+    # Rows repeat prompts, so the decode starts from a prefill shared by each prompt's rows.
+    rows = torch.tensor([0, 1, 2, 0, 2])
+    prompt_ids, prompt_mask = prompt_ids[rows], prompt_mask[rows]
     greedy = policy.generate(prompt_ids, prompt_mask, max_new_tokens=6, temperature=0.0)
     ids = torch.cat([prompt_ids, greedy.tokens], dim=1)                                # (B, S)
     valid = torch.cat([prompt_mask, greedy.mask], dim=1)                               # (B, S)

@@ -154,9 +154,22 @@ class ChunkedLogprobLM(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, generation_config) -> Tensor:
-        """HF `generate` (KV cache) after left-padded prompts (B, P) -> the sampled tokens (B, N)."""
+        """HF `generate` (KV cache) after left-padded prompts (B, P) -> the sampled tokens (B, N). Rows that
+        share a prompt share its prefill: all but its last token run once per distinct prompt, and generate
+        starts from that cache gathered to the B rows."""
+        prefilled = {}
+        groups = prompt_groups(prompt_ids, prompt_mask)
+        if groups is not None and bool(prompt_mask[:, -2:].all()):  # every prompt keeps a token to prefill
+            from transformers import DynamicCache
+            first, group = groups
+            decoder, cache = self.lm.get_decoder(), DynamicCache()
+            positions = (prompt_mask.long().cumsum(dim=1) - 1).clamp_min(0)               # (B, P)
+            decoder(input_ids=prompt_ids[first, :-1], attention_mask=prompt_mask[first, :-1].long(),
+                    position_ids=positions[first, :-1], use_cache=True, **{_cache_argument(decoder): cache})
+            cache.batch_select_indices(group)                                              # (B, H, P - 1, d) per layer
+            prefilled[_cache_argument(self.lm)] = cache
         sequences = self.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(),
-                                     generation_config=generation_config)                  # (B, P + N)
+                                     generation_config=generation_config, **prefilled)     # (B, P + N)
         return sequences[:, prompt_ids.shape[1]:]                                          # (B, N)
 
 
