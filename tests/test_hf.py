@@ -125,6 +125,37 @@ def test_frozen_router_gets_no_gradient_and_the_same_values(checkpoints, family)
     assert all(g is None for g in frozen_grads)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_shared_prompt_pass_equals_one_pass_per_row_in_value_and_gradient(checkpoints, family, monkeypatch):
+    import minirspo.policy.hf as hf
+    policy = load_policy(f"hf:{checkpoints[family]}")
+    prompt_ids, prompt_mask, tokens, mask = batch(policy)
+    # rows 0, 2, 3 share a prompt and rows 1, 4 another (interleaved, so the gather order matters), each with
+    # its own response; the prompts differ in length, so one of them is left-padded
+    rows = torch.tensor([0, 1, 0, 0, 1])
+    prompt_ids, prompt_mask = prompt_ids[rows], prompt_mask[rows]
+    tokens = torch.randint(0, 500, tokens[rows].shape, generator=torch.Generator().manual_seed(1))   # (5, N)
+    mask = torch.arange(tokens.shape[1])[None, :] < torch.tensor([7, 3, 5, 1, 6])[:, None]          # (5, N)
+    assert hf.prompt_groups(prompt_ids, prompt_mask)[1].unique().numel() == 2
+    results = []
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(hf, "prompt_groups", lambda ids, mask: None)
+        policy.model.zero_grad(set_to_none=True)
+        scores = policy.score(prompt_ids, prompt_mask, tokens, mask)
+        (scores.logprobs.sum() + scores.router_logits.sum() + scores.aux_loss).backward()
+        results.append((scores, {name: p.grad for name, p in policy.model.named_parameters()}))
+    (shared, shared_grads), (whole, whole_grads) = results
+    # the same function of the same inputs, its sums taken in another order (a prompt attended from a cache)
+    for name in ("logprobs", "router_logits", "aux_loss", "entropy"):
+        assert_close_in_ulps(getattr(shared, name), getattr(whole, name), msg=name)
+    valid = torch.cat([prompt_mask, mask], dim=1)                                       # (B, S)
+    assert torch.equal(shared.routing[:, valid], whole.routing[:, valid])
+    gradient_scale = largest(*whole_grads.values())  # in ulps of the model's largest gradient, as above
+    for name, grad in whole_grads.items():
+        assert_close_in_ulps(shared_grads[name], grad, scale=gradient_scale, msg=name)
+
+
 def test_chunked_logprobs_equal_unchunked_in_value_and_gradient(checkpoints):
     path = checkpoints["qwen3_moe"]
     chunked, whole = (load_policy(f"hf:{path}", logprob_chunk_tokens=size) for size in (3, 10_000))
@@ -179,6 +210,9 @@ def test_generate_samples_what_the_training_forward_scores(checkpoints, family):
     assert not torch.isin(sampled[0].tokens[sampled[0].mask], torch.tensor(policy.banned)).any()
     # A greedy KV-cache decode picks, at every response position, the token the training forward ranks first
     # among the allowed ones (its log-prob is the largest), wherever the top two are not within float noise.
+    # Rows repeat prompts, so the decode starts from a prefill shared by each prompt's rows.
+    rows = torch.tensor([0, 1, 2, 0, 2])
+    prompt_ids, prompt_mask = prompt_ids[rows], prompt_mask[rows]
     greedy = policy.generate(prompt_ids, prompt_mask, max_new_tokens=6, temperature=0.0)
     ids = torch.cat([prompt_ids, greedy.tokens], dim=1)                                # (B, S)
     valid = torch.cat([prompt_mask, greedy.mask], dim=1)                               # (B, S)
@@ -283,17 +317,8 @@ def test_rl_steps_run_end_to_end(checkpoints, tmp_path, capsys, family, flags):
                                           ("mixtral", dict(loss="gmpo", freeze_router=True, activation_checkpointing=True,
                                                            logprob_chunk_tokens=5))])
 def test_the_first_minibatch_is_its_own_old_policy(checkpoints, tmp_path, monkeypatch, family, flags):
-    from test_train import assert_same_old_policy  # the comparison and its tolerance, explained there
-    calls = []
-    real_update = RLModule.update
-
-    def checking_update(self, mb, old):
-        scored = self.score_old(mb) if old is None else None  # before this update moves the parameters
-        metrics = real_update(self, mb, old)
-        calls.append((old, scored, self.on_policy_old))
-        return metrics
-
-    monkeypatch.setattr(RLModule, "update", checking_update)
+    from test_train import assert_same_old_policy, record_updates  # the comparison and its tolerance are explained there
+    calls = record_updates(monkeypatch)
     run(RLConfig(model=f"hf:{checkpoints[family]}", out=str(tmp_path / "run"), max_steps=1, n_prompts=2,
                  group_size=2, minibatch_size=2, max_new_tokens=4, eval_size=2, aux_loss_coef=1.0, lr=1e-2, **flags))
     (first_old, scored, reused), (second_old, _, _) = calls

@@ -117,11 +117,15 @@ def assert_same_old_policy(reused, scored):
     assert_close_in_ulps(reused.logprobs, scored.logprobs)
     assert_close_in_ulps(reused.topk_logprobs, scored.topk_logprobs)
     assert_close_in_ulps(reused.ref_logprobs, scored.ref_logprobs)
-    assert torch.equal(reused.topk_idx, scored.topk_idx) and torch.equal(reused.routing, scored.routing)
+    for name in ("topk_idx", "routing"):
+        want = getattr(scored, name)
+        assert (getattr(reused, name) is None) if want is None else torch.equal(getattr(reused, name), want), name
     assert not reused.logprobs.requires_grad and reused.logprobs.abs().sum() > 0  # detached, and not all padding
 
 
-def test_the_first_minibatch_is_its_own_old_policy(tiny_checkpoint, tmp_path, monkeypatch):
+def record_updates(monkeypatch) -> list:
+    """Patch RLModule.update to record (the old policy it was given, a separate no-grad scoring of an on-policy
+    minibatch taken before its update, the old policy the update derived) per call."""
     calls = []
     real_update = RLModule.update
 
@@ -132,12 +136,21 @@ def test_the_first_minibatch_is_its_own_old_policy(tiny_checkpoint, tmp_path, mo
         return metrics
 
     monkeypatch.setattr(RLModule, "update", checking_update)
+    return calls
+
+
+def test_the_first_minibatch_is_its_own_old_policy(tiny_checkpoint, tmp_path, monkeypatch):
+    calls = record_updates(monkeypatch)
     # 2 minibatches × 2 epochs; a KL reference, so its log-probs are part of the reused old policy too
     main(tiny_args(tiny_checkpoint, tmp_path, "--loss", "rspo", "--max-steps", "1", "--ppo-epochs", "2",
                    "--kl-coef", "0.1", "--aux-loss-coef", "1", "--lr", "2e-2"))
     (first_old, scored, reused), (second_old, _, _), (again, _, _), (second_again, _, _) = calls
     assert first_old is None and second_old is not None  # only the on-policy minibatch skips the scoring
     assert_same_old_policy(reused, scored)
+    # router state: the experts and their router log-probs at response tokens only, 12 bytes per (L, M, N, K)
+    assert reused.routing is None  # kept only for routing replay
+    assert reused.topk_idx.untyped_storage().nbytes() + reused.topk_logprobs.untyped_storage().nbytes() == \
+        reused.topk_idx.numel() * 12
     assert again is reused and second_again is second_old  # the second epoch reuses the stored old values
 
 
