@@ -90,6 +90,10 @@ class RolloutSection:
     """sampling temperature, >= 0 (0: greedy); 0.7 learned faster than 1.0 from a 10% start (docs/default_run.md)"""
     top_p: float = 1.0
     """nucleus sampling mass, in (0, 1]"""
+    resample_rounds: int = 3
+    """DAPO's dynamic sampling: up to this many more rounds of fresh prompts per RL step replace prompt groups
+    whose G rewards are all equal (no gradient); 0: off. From a 10% start most groups are flat
+    (docs/default_run.md)"""
 
 
 @dataclass
@@ -207,7 +211,7 @@ def check_values(config: RLConfig) -> None:
                  "eval_size", "checkpoint_every", "devices", "num_nodes", "logprob_chunk_tokens"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             refuse(name, getattr(config, name), "expected a whole number >= 1")
-    for name in ("warmup_steps", "seed", "eval_every"):
+    for name in ("warmup_steps", "seed", "eval_every", "resample_rounds"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 0:
             refuse(name, getattr(config, name), "expected a whole number >= 0")
     if not isinstance(config.group_size, int) or config.group_size < 2:

@@ -157,32 +157,72 @@ class RLModule(L.LightningModule):
         self.log_dict({"reward": row["reward_mean"], "γ": row.get("gamma_mean", 1.0)}, prog_bar=True, logger=False)
 
     def collect_rollouts(self, step: int) -> tuple[list[Minibatch], dict[str, Tensor]]:
+        """This step's minibatches of G responses to each of this rank's prompts, and the rollout stats.
+
+        With --resample-rounds R > 0 (DAPO's dynamic sampling, Yu et al. 2025), a prompt group whose G
+        rewards are all equal (Â = 0, no gradient) is replaced by a group of a fresh prompt, for up to R
+        more rounds of sampling; groups still flat after that fill the batch, so its shape never changes.
+        `reward_mean` and `zero_variance_frac` describe the first round, i.e. the policy itself, not the
+        filtered batch."""
         cfg, policy = self.config, self.policy
         world, rank = self.trainer.world_size, self.global_rank
         if cfg.n_prompts % world or cfg.minibatch_size % world:
             raise ValueError(f"n_prompts={cfg.n_prompts} and minibatch_size={cfg.minibatch_size} must split "
                              f"evenly over {world} processes")
-        problems = self.task.sample(cfg.n_prompts, seed=step_seed(cfg.seed, step), split="train")
-        per_rank = cfg.n_prompts // world
-        problems = problems[rank * per_rank:(rank + 1) * per_rank]      # whole groups: Â stays on its rank
-        repeated = [p for p in problems for _ in range(cfg.group_size)]
-        prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in repeated])  # (B, P)
+        per_rank, G = cfg.n_prompts // world, cfg.group_size
         generator = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, step) + rank)
+        informative, flat, stats = [], [], {}
+        for round_ in range(1 + cfg.resample_rounds):
+            # round 0 draws the prompts a run without resampling draws; later rounds draw fresh ones
+            problems = self.task.sample(cfg.n_prompts, seed=step_seed(cfg.seed, step) + round_ * 2**40,
+                                        split="train")[rank * per_rank:(rank + 1) * per_rank]  # whole groups per rank
+            groups = self.sample_groups(problems, generator)
+            if round_ == 0:
+                rewards = torch.cat([group[2] for group in groups])                        # (B,)
+                stats = {"reward_mean": rewards.mean(),
+                         "zero_variance_frac": zero_variance_groups(rewards, G) / len(problems)}
+            for group in groups:
+                (flat if bool((group[2] == group[2][0]).all()) else informative).append(group)
+            missing = torch.tensor(float(max(per_rank - len(informative), 0)), device=self.device)
+            if float(self.trainer.strategy.reduce(missing, reduce_op="sum")) == 0:  # every rank is full
+                break
+        groups = (informative + flat)[:per_rank]
+        stats["informative_frac"] = torch.tensor(min(len(informative), per_rank) / per_rank)
+        stats["sampling_rounds"] = torch.tensor(float(round_ + 1))
+
+        problems = [problem for problem, _, _ in groups for _ in range(G)]
+        prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in problems])       # (B, P)
+        responses = [response for _, group_responses, _ in groups for response in group_responses]
+        width = max(len(response) for response in responses)
+        tokens = torch.zeros(len(responses), width, dtype=torch.long, device=self.device)  # (B, N); masked pads
+        mask = torch.zeros(len(responses), width, dtype=torch.bool, device=self.device)    # (B, N)
+        for row, response in enumerate(responses):
+            tokens[row, :len(response)], mask[row, :len(response)] = response, True
+        rewards = torch.cat([group_rewards for _, _, group_rewards in groups])             # (B,)
+        advantages = group_advantages(rewards, G, normalize_std=cfg.scale_advantages)     # (B,)
+        size = cfg.minibatch_size // world
+        minibatches = [Minibatch(prompt_ids[i:i + size], prompt_mask[i:i + size], tokens[i:i + size],
+                                 mask[i:i + size], advantages[i:i + size])
+                       for i in range(0, len(problems), size)]
+        stats["response_len"] = mask.sum(dim=1).float().mean()
+        return minibatches, stats
+
+    @torch.no_grad()
+    def sample_groups(self, problems: list[Problem], generator: torch.Generator) -> list[tuple[Problem, list[Tensor], Tensor]]:
+        """G responses to each problem with the current policy: (problem, G response token ids up to and
+        including the stop token, their G rewards (G,)) per problem."""
+        cfg, policy = self.config, self.policy
+        repeated = [p for p in problems for _ in range(cfg.group_size)]
+        prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in repeated])      # (B, P)
         self.model.eval()
         rollout = policy.generate(prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
         self.model.train()
-        responses = policy.decode_responses(rollout.tokens, rollout.mask)
-        rewards = score(self.task, repeated, responses).to(self.device)                 # (B,)
-        advantages = group_advantages(rewards, cfg.group_size, normalize_std=cfg.scale_advantages)                          # (B,)
-        size = cfg.minibatch_size // world
-        minibatches = [Minibatch(prompt_ids[i:i + size], prompt_mask[i:i + size], rollout.tokens[i:i + size],
-                                 rollout.mask[i:i + size], advantages[i:i + size])
-                       for i in range(0, len(repeated), size)]
-        stats = {"reward_mean": rewards.mean(),
-                 "response_len": rollout.mask.sum(dim=1).float().mean(),
-                 "zero_variance_frac": zero_variance_groups(rewards, cfg.group_size) / len(problems)}
-        return minibatches, stats
+        rewards = score(self.task, repeated, policy.decode_responses(rollout.tokens, rollout.mask))
+        rewards = rewards.to(self.device).view(len(problems), cfg.group_size)             # (B/G, G)
+        responses = [row[valid] for row, valid in zip(rollout.tokens, rollout.mask)]       # B × (n_i,)
+        return [(problem, responses[i * cfg.group_size:(i + 1) * cfg.group_size], rewards[i])
+                for i, problem in enumerate(problems)]
 
     @torch.no_grad()
     def score_old(self, mb: Minibatch) -> OldPolicy:
