@@ -171,23 +171,27 @@ class RLModule(L.LightningModule):
                              f"evenly over {world} processes")
         per_rank, G = cfg.n_prompts // world, cfg.group_size
         generator = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, step) + rank)
-        informative, flat, stats = [], [], {}
+        def is_flat(group) -> bool:
+            return bool((group[2] == group[2][0]).all())
+
+        groups, spare, stats = [], [], {}   # spare: informative groups of later rounds, in sampling order
         for round_ in range(1 + cfg.resample_rounds):
             # round 0 draws the prompts a run without resampling draws; later rounds draw fresh ones
             problems = self.task.sample(cfg.n_prompts, seed=step_seed(cfg.seed, step) + round_ * 2**40,
                                         split="train")[rank * per_rank:(rank + 1) * per_rank]  # whole groups per rank
-            groups = self.sample_groups(problems, generator)
+            sampled = self.sample_groups(problems, generator)
             if round_ == 0:
+                groups = sampled
                 rewards = torch.cat([group[2] for group in groups])                        # (B,)
                 stats = {"reward_mean": rewards.mean(),
                          "zero_variance_frac": zero_variance_groups(rewards, G) / len(problems)}
-            for group in groups:
-                (flat if bool((group[2] == group[2][0]).all()) else informative).append(group)
-            missing = torch.tensor(float(max(per_rank - len(informative), 0)), device=self.device)
-            if float(self.trainer.strategy.reduce(missing, reduce_op="sum")) == 0:  # every rank is full
+            else:
+                spare += [group for group in sampled if not is_flat(group)]
+            missing = torch.tensor(float(max(sum(map(is_flat, groups)) - len(spare), 0)), device=self.device)
+            if float(self.trainer.strategy.reduce(missing, reduce_op="sum")) == 0:  # enough on every rank
                 break
-        groups = (informative + flat)[:per_rank]
-        stats["informative_frac"] = torch.tensor(min(len(informative), per_rank) / per_rank)
+        groups = [spare.pop(0) if is_flat(group) and spare else group for group in groups]  # flat ones replaced
+        stats["informative_frac"] = torch.tensor(1 - sum(map(is_flat, groups)) / per_rank)
         stats["sampling_rounds"] = torch.tensor(float(round_ + 1))
 
         problems = [problem for problem, _, _ in groups for _ in range(G)]

@@ -39,13 +39,14 @@ def handmade():
     return module, policy, Minibatch(prompt_ids, prompt_mask, tokens, mask, advantages), answers
 
 
-def naive_row(policy: ToyPolicy, prompt: str, answer: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_row(policy: ToyPolicy, prompt: str, answer: list[int], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One row alone, no padding anywhere: log-probs (n,) of its answer tokens, each from the logits one
-    position before it with the banned tokens masked, and the experts (L, n, K) at each answer token."""
+    position before it, divided by the temperature, with the banned tokens masked, and the experts (L, n, K)
+    at each answer token."""
     prompt_ids = policy.tokenizer.encode_prompt(prompt)
     ids = torch.tensor([prompt_ids + answer])                                                 # (1, S)
     out = policy.model(ids, torch.ones_like(ids, dtype=torch.bool))
-    logits = out.logits[0, len(prompt_ids) - 1:-1].float()                                    # (n, V)
+    logits = out.logits[0, len(prompt_ids) - 1:-1].float() / temperature                      # (n, V)
     logits[:, list(policy.banned)] = float("-inf")
     logprobs = logits.log_softmax(dim=-1)[torch.arange(len(answer)), torch.tensor(answer)]   # (n,)
     return logprobs, out.topk_idx[:, 0, len(prompt_ids):]                                     # (L, n, K)
@@ -64,7 +65,7 @@ def test_old_logprobs_and_routing_equal_a_naive_unpadded_loop(handmade):
     with torch.no_grad():
         for row, (prompt, answer) in enumerate(zip(PROMPTS, answers)):
             n = len(answer)
-            logprobs, experts = naive_row(policy, prompt, answer)
+            logprobs, experts = naive_row(policy, prompt, answer, module.config.temperature)
             # float32 forward of a 2-layer width-32 model, batched (padded) against alone: MODEL_ULPS (tolerance.py)
             assert_close_in_ulps(old.logprobs[row, :n], logprobs)
             assert (old.logprobs[row, n:] == 0).all()                        # padding carries exactly 0
@@ -79,7 +80,8 @@ def test_on_policy_grpo_gradient_is_plain_reinforce(handmade):
     params = [p for p in policy.model.parameters() if p.requires_grad]
 
     def gradient(loss_of_logprobs):
-        logprobs = policy.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask).logprobs   # (B, N)
+        logprobs = policy.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
+                                temperature=module.config.temperature).logprobs             # (B, N)
         return torch.autograd.grad(loss_of_logprobs(logprobs), params, allow_unused=True)
 
     grpo = gradient(lambda lp: policy_loss("grpo", logprobs=lp, old_logprobs=old.logprobs, advantages=mb.advantages,
@@ -92,3 +94,45 @@ def test_on_policy_grpo_gradient_is_plain_reinforce(handmade):
         # The two losses differ only in exp(log π − log π_old) = 1 (± rounding): same backward graph, so the
         # gradients agree to MODEL_ULPS of the largest one; a wrong mask, advantage or position would not.
         assert_close_in_ulps(got, want, scale=scale, ulps=MODEL_ULPS)
+
+
+class _OneProcess:
+    """The little of a Lightning Trainer that `collect_rollouts` asks for, for one process."""
+    world_size, global_rank = 1, 0
+
+    class strategy:
+        @staticmethod
+        def reduce(value, reduce_op):
+            return value
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 3])
+def test_resampling_replaces_flat_groups_and_keeps_the_batch_shape(handmade, monkeypatch, rounds):
+    module, policy, _, answers = handmade
+    monkeypatch.setattr(type(module), "trainer", property(lambda self: _OneProcess()))
+    monkeypatch.setattr(module.config, "resample_rounds", rounds)
+    response = [torch.tensor(answer) for answer in answers[:GROUP_SIZE]]                     # G responses
+    # Each round samples 2 prompt groups: round 0 one flat and one informative, round 1 one informative.
+    scripted = {0: [torch.tensor([0.1, 0.1]), torch.tensor([1.0, 0.1])],
+                1: [torch.tensor([0.0, 0.0]), torch.tensor([0.1, 1.0])]}
+    calls = []
+
+    def sample_groups(self, problems, generator):
+        calls.append([p.prompt for p in problems])
+        rewards = scripted.get(len(calls) - 1, [torch.tensor([0.1, 0.1])] * 2)
+        return [(problem, response, r) for problem, r in zip(problems, rewards)]
+
+    monkeypatch.setattr(type(module), "sample_groups", sample_groups)
+    minibatches, stats = module.collect_rollouts(step=0)
+    advantages = torch.cat([mb.advantages for mb in minibatches])                             # (B,)
+    assert len(calls) == min(1 + rounds, 2)              # stops as soon as the batch is all informative
+    assert stats["reward_mean"] == torch.tensor([0.1, 0.1, 1.0, 0.1]).mean()  # round 0: the policy itself
+    assert stats["zero_variance_frac"] == 0.5
+    assert len(advantages) == 2 * GROUP_SIZE                                                    # shape kept
+    if rounds == 0:   # round 0 as sampled: flat group (Â = 0) first, then the informative one
+        assert stats["informative_frac"] == 0.5
+        assert (advantages[:2] == 0).all() and advantages[2] > 0 > advantages[3]
+    else:             # the flat group replaced in place by round 1's informative one
+        assert stats["informative_frac"] == 1.0
+        assert advantages[0] < 0 < advantages[1] and advantages[2] > 0 > advantages[3]
+    assert calls[0] != calls[-1] or len(calls) == 1     # a later round draws fresh prompts
