@@ -7,7 +7,8 @@ One RL step:
  1. sample this step's prompts (seeded by (seed, step), so a resumed run sees the same prompts) and G
     responses to each with the current policy: no gradient, KV cache (`Policy.generate`);
  2. reward each response with the task's verifier and compute group advantages (a group whose rewards
-    are all equal gets Â = 0, hence no gradient, and is counted in `zero_variance_frac`);
+    are all equal gets Â = 0, hence no gradient, and is counted in `zero_variance_frac`); with
+    `--resample-rounds` such flat groups are first replaced by groups of fresh prompts (`collect_rollouts`);
  3. score every minibatch but the first with the training forward, without gradient and before any
     update: the *old* policy's per-token log-probs and routing (top-K experts and the router log-probs
     at them, (L, B, N, K));
