@@ -130,7 +130,7 @@ def run(config: RLConfig) -> Path:
             // config.updates_per_step if config.resume else 0)
     console.print(f"[bold]RL:[/] {title}, steps {done + 1}..{config.max_steps} (each: {config.n_prompts} prompts × "
                   f"{config.group_size} responses, {config.updates_per_step} optimiser steps) -> {out}")
-    if config.verbose and config.aux_loss_coef == 0 and policy.is_moe:
+    if config.aux_loss_coef == 0 and policy.is_moe:  # README "Scaling out": the run says so
         console.print("router load-balance loss is off during RL (--aux-loss-coef 0)")
 
     metrics_path, earlier_metrics = out / "metrics.csv", out / "metrics.before-resume.csv"

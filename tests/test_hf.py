@@ -303,7 +303,7 @@ def test_load_policy_errors(tmp_path, checkpoints):
 def test_rl_steps_run_end_to_end(checkpoints, tmp_path, capsys, family, flags):
     config = RLConfig(model=f"hf:{checkpoints[family]}", out=str(tmp_path / "run"), max_steps=2, n_prompts=2,
                       group_size=2, minibatch_size=2, max_new_tokens=4, eval_size=2, eval_every=1,
-                      logprob_chunk_tokens=5, verbose=True, **flags)  # the aux-loss note is a --verbose message
+                      logprob_chunk_tokens=5, **flags)
     with open(run(config)) as file:
         rows = list(csv.DictReader(file))
     assert "router load-balance loss is off during RL" in capsys.readouterr().out
