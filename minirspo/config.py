@@ -118,8 +118,8 @@ class UpdateSection:
 class RunSection:
     """The run: length, evaluation, checkpoints, outputs, hardware."""
 
-    max_steps: int = 500
-    """RL steps (one rollout and its minibatch updates each)"""
+    max_steps: int = 300
+    """RL steps (one rollout and its minibatch updates each); 300 fit the default run in 10 minutes on 2 CPU cores"""
     eval_every: int = 25
     """held-out greedy accuracy every this many RL steps and at the last (0: at the last only); timed apart"""
     eval_size: int = 200
