@@ -20,7 +20,7 @@ def grid(tmp_path_factory):
     torch.manual_seed(0)
     checkpoint = save_toy_checkpoint(ToyMoE(TINY), None, root / "model.pt")
     argv = ["--preset", "smoke", "--out", str(root / "out"), "--jobs", "2", "--variants", "grpo", "rspo",
-            "--", "--model", f"toy:{checkpoint}", "--max-steps", "3", "--n-prompts", "4", "--group-size", "4",
+            "--lrs", "1e-3", "--", "--model", f"toy:{checkpoint}", "--max-steps", "3", "--n-prompts", "4", "--group-size", "4",
             "--minibatch-size", "8", "--eval-size", "8", "--eval-every", "1", "--max-new-tokens", "4"]
     main(argv)
     return root / "out", argv
