@@ -43,6 +43,7 @@ from typing import NamedTuple
 import lightning as L
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torch.distributed.tensor import DTensor
 
 from minirspo.config import RLConfig
@@ -51,6 +52,17 @@ from minirspo.loss import (group_advantages, policy_loss, router_logprobs_at, ro
                            router_shift_ratio, routing_consistency, zero_variance_groups)
 from minirspo.policy import Policy
 from minirspo.tasks import REWARD_CORRECT, Problem, Task, score
+
+
+class Group(NamedTuple):
+    problem: Problem
+    responses: list[Tensor]  # G × (n_i,) sampled token ids, up to and including the stop token
+    rewards: Tensor          # (G,)
+
+    @property
+    def is_flat(self) -> bool:
+        """All G rewards equal: Â = 0 for every response, so the group adds no gradient."""
+        return bool((self.rewards == self.rewards[0]).all())
 
 
 class Minibatch(NamedTuple):
@@ -172,9 +184,6 @@ class RLModule(L.LightningModule):
                              f"evenly over {world} processes")
         per_rank, G = cfg.n_prompts // world, cfg.group_size
         generator = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, step) + rank)
-        def is_flat(group) -> bool:
-            return bool((group[2] == group[2][0]).all())
-
         groups, spare, stats = [], [], {}   # spare: informative groups of later rounds, in sampling order
         for round_ in range(1 + cfg.resample_rounds):
             # round 0 draws the prompts a run without resampling draws; later rounds draw fresh ones
@@ -183,27 +192,25 @@ class RLModule(L.LightningModule):
             sampled = self.sample_groups(problems, generator)
             if round_ == 0:
                 groups = sampled
-                rewards = torch.cat([group[2] for group in groups])                        # (B,)
+                rewards = torch.cat([group.rewards for group in groups])                   # (B,)
                 stats = {"reward_mean": rewards.mean(),
                          "zero_variance_frac": zero_variance_groups(rewards, G) / len(problems)}
             else:
-                spare += [group for group in sampled if not is_flat(group)]
-            missing = torch.tensor(float(max(sum(map(is_flat, groups)) - len(spare), 0)), device=self.device)
+                spare += [group for group in sampled if not group.is_flat]
+            flat = sum(group.is_flat for group in groups)
+            missing = torch.tensor(float(max(flat - len(spare), 0)), device=self.device)
             if float(self.trainer.strategy.reduce(missing, reduce_op="sum")) == 0:  # enough on every rank
                 break
-        groups = [spare.pop(0) if is_flat(group) and spare else group for group in groups]  # flat ones replaced
-        stats["informative_frac"] = torch.tensor(1 - sum(map(is_flat, groups)) / per_rank)
+        groups = [spare.pop(0) if group.is_flat and spare else group for group in groups]  # flat ones replaced
+        stats["informative_frac"] = torch.tensor(1 - sum(group.is_flat for group in groups) / per_rank)
         stats["sampling_rounds"] = torch.tensor(float(round_ + 1))
 
-        problems = [problem for problem, _, _ in groups for _ in range(G)]
+        problems = [group.problem for group in groups for _ in range(G)]
         prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in problems])       # (B, P)
-        responses = [response for _, group_responses, _ in groups for response in group_responses]
-        width = max(len(response) for response in responses)
-        tokens = torch.zeros(len(responses), width, dtype=torch.long, device=self.device)  # (B, N); masked pads
-        mask = torch.zeros(len(responses), width, dtype=torch.bool, device=self.device)    # (B, N)
-        for row, response in enumerate(responses):
-            tokens[row, :len(response)], mask[row, :len(response)] = response, True
-        rewards = torch.cat([group_rewards for _, _, group_rewards in groups])             # (B,)
+        responses = [response for group in groups for response in group.responses]         # B × (n_i,)
+        tokens = pad_sequence(responses, batch_first=True)                                 # (B, N); 0 where masked
+        mask = pad_sequence([torch.ones_like(r, dtype=torch.bool) for r in responses], batch_first=True)  # (B, N)
+        rewards = torch.cat([group.rewards for group in groups])                           # (B,)
         advantages = group_advantages(rewards, G, normalize_std=cfg.scale_advantages)     # (B,)
         size = cfg.minibatch_size // world
         minibatches = [Minibatch(prompt_ids[i:i + size], prompt_mask[i:i + size], tokens[i:i + size],
@@ -213,9 +220,8 @@ class RLModule(L.LightningModule):
         return minibatches, stats
 
     @torch.no_grad()
-    def sample_groups(self, problems: list[Problem], generator: torch.Generator) -> list[tuple[Problem, list[Tensor], Tensor]]:
-        """G responses to each problem with the current policy: (problem, G response token ids up to and
-        including the stop token, their G rewards (G,)) per problem."""
+    def sample_groups(self, problems: list[Problem], generator: torch.Generator) -> list[Group]:
+        """G responses to each problem with the current policy, and their rewards: one `Group` per problem."""
         cfg, policy = self.config, self.policy
         repeated = [p for p in problems for _ in range(cfg.group_size)]
         prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in repeated])      # (B, P)
@@ -226,7 +232,7 @@ class RLModule(L.LightningModule):
         rewards = score(self.task, repeated, policy.decode_responses(rollout.tokens, rollout.mask))
         rewards = rewards.to(self.device).view(len(problems), cfg.group_size)             # (B/G, G)
         responses = [row[valid] for row, valid in zip(rollout.tokens, rollout.mask)]       # B × (n_i,)
-        return [(problem, responses[i * cfg.group_size:(i + 1) * cfg.group_size], rewards[i])
+        return [Group(problem, responses[i * cfg.group_size:(i + 1) * cfg.group_size], rewards[i])
                 for i, problem in enumerate(problems)]
 
     @torch.no_grad()

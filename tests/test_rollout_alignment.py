@@ -10,7 +10,7 @@ import torch
 
 from minirspo.config import RLConfig
 from minirspo.loss import group_advantages, policy_loss
-from minirspo.module import Minibatch, RLModule
+from minirspo.module import Group, Minibatch, RLModule
 from minirspo.policy import ToyPolicy
 from tests.tolerance import MODEL_ULPS, assert_close_in_ulps, largest
 from toy_moe.model import ToyMoE, ToyMoEConfig
@@ -120,7 +120,7 @@ def test_resampling_replaces_flat_groups_and_keeps_the_batch_shape(handmade, mon
     def sample_groups(self, problems, generator):
         calls.append([p.prompt for p in problems])
         rewards = scripted.get(len(calls) - 1, [torch.tensor([0.1, 0.1])] * 2)
-        return [(problem, response, r) for problem, r in zip(problems, rewards)]
+        return [Group(problem, response, r) for problem, r in zip(problems, rewards)]
 
     monkeypatch.setattr(type(module), "sample_groups", sample_groups)
     minibatches, stats = module.collect_rollouts(step=0)
