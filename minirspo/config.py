@@ -173,7 +173,7 @@ SECTIONS = {"task": TaskSection, "loss": LossSection, "rollouts": RolloutSection
 @dataclass
 class RLConfig(WarmStartSection, ScaleSection, RunSection, UpdateSection, RolloutSection, LossSection,
                TaskSection):  # fields in reverse order of the bases: task first
-    # Pretraining stops at the first evaluation (every 10 steps) with >= 10% held-out greedy accuracy: a start
+    # Pretraining stops at the first evaluation (every 10 steps) above 10% held-out greedy accuracy: a start
     # right on a few problems leaves RL something to learn. A fixed step count lands anywhere on a+b='s sharp
     # transition (250 steps gave 6.6% on one CPU and 11-13% on another; 190-410 steps reach 10% by seed).
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(eval_every=10, stop_at_accuracy=0.10))

@@ -5,7 +5,7 @@ The checkpoint is cached under `warmstart_dir/TASK-HASH/model.pt`, HASH covering
 whole pretrain config, so changing any of them trains a new one and identical runs share it. `--seed` seeds
 the warm start too (its examples and its initialisation), so seeds 0, 1, 2 are independent runs end to end.
 
-The default run stops pretraining at the first evaluation whose held-out greedy accuracy reaches
+The default run stops pretraining at the first evaluation whose held-out greedy accuracy exceeds
 `--pretrain.stop-at-accuracy` (docs/default_run.md): on `a+b=` accuracy jumps from ~10% to ~90% within ~100
 steps, at a step that varies with the seed (190 to 410 steps were measured), so a fixed step count gives
 starts anywhere from 5% to 90%, and RL needs a start that is right on a few problems and wrong on most.
@@ -28,7 +28,7 @@ def until(pretrain: PretrainConfig) -> str:
     """How long the warm start trains, in words."""
     if pretrain.stop_at_accuracy is None:
         return f"{pretrain.max_steps} steps"
-    return f"until {pretrain.stop_at_accuracy:.0%} held-out greedy accuracy (at most {pretrain.max_steps} steps)"
+    return f"until held-out greedy accuracy passes {pretrain.stop_at_accuracy:.0%} (at most {pretrain.max_steps} steps)"
 
 
 def warm_start(config: RLConfig) -> Path:

@@ -163,3 +163,16 @@ def test_warmup_then_cosine_schedule():
     assert multipliers[0] == pytest.approx(0.1) and multipliers[9] == pytest.approx(1.0)
     assert all(later <= earlier for earlier, later in zip(multipliers[9:], multipliers[10:]))
     assert multipliers[100] == pytest.approx(0.1)
+
+
+def test_stop_at_accuracy_ends_at_the_first_evaluation_above_it(tmp_path):
+    # One correct answer of the 32 held-out prompts (1/32 = 0.031) exceeds 0.02: a run that learns any
+    # single-digit sum stops there; max_steps is far beyond what the 40-step run above needs for that.
+    config = replace(TINY_RUN, max_steps=400, eval_every=5, stop_at_accuracy=0.02)
+    pretrain(EXAMPLES, config, tmp_path)
+    with open(next(tmp_path.glob("logs/version_*/metrics.csv"))) as file:
+        rows = [row for row in csv.DictReader(file) if row["val/accuracy"]]
+    accuracies = [float(row["val/accuracy"]) for row in rows]
+    assert accuracies[-1] > config.stop_at_accuracy                     # it stopped on the threshold ...
+    assert all(accuracy <= config.stop_at_accuracy for accuracy in accuracies[:-1])  # ... the first time
+    assert int(rows[-1]["step"]) + 1 < config.max_steps                  # and early

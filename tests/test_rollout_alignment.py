@@ -39,7 +39,8 @@ def handmade():
     return module, policy, Minibatch(prompt_ids, prompt_mask, tokens, mask, advantages), answers
 
 
-def naive_row(policy: ToyPolicy, prompt: str, answer: list[int], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_row(policy: ToyPolicy, prompt: str, answer: list[int],
+              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One row alone, no padding anywhere: log-probs (n,) of its answer tokens, each from the logits one
     position before it, divided by the temperature, with the banned tokens masked, and the experts (L, n, K)
     at each answer token."""

@@ -45,7 +45,7 @@ from typing import Iterable, Literal, NamedTuple, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -76,7 +76,7 @@ class PretrainConfig:
     max_steps: int = 600  # optimiser steps; 600: ~80 s on 2 CPU cores, to ~100% on a+b= (module docstring)
     eval_every: int = 100  # steps between held-out greedy evaluations and checkpoints
     eval_examples: int = 256  # distinct prompts held out of training for evaluation
-    # Stop at the first evaluation whose held-out greedy accuracy reaches this; None: train to max_steps.
+    # Stop at the first evaluation whose held-out greedy accuracy exceeds this; None: train to max_steps.
     # Accuracy on a+b= jumps from ~10% to ~90% within ~100 steps, at a step that depends on the seed and the
     # CPU's float arithmetic, so a warm start for RL is chosen by accuracy, not by a fixed step count.
     stop_at_accuracy: float | None = None
@@ -96,8 +96,8 @@ class PretrainConfig:
                                    ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "a number in [0, 1]"),
                                    ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
                                    ("grad_clip", self.grad_clip > 0, "a number > 0"),
-                                   ("stop_at_accuracy", self.stop_at_accuracy is None or 0 < self.stop_at_accuracy <= 1,
-                                    "None or a number in (0, 1]")):
+                                   ("stop_at_accuracy", self.stop_at_accuracy is None or 0 <= self.stop_at_accuracy < 1,
+                                    "None or a number in [0, 1)")):
             if not ok:
                 raise UsageError(f"PretrainConfig.{name}: got {getattr(self, name)!r}; expected {accepted}")
 
@@ -255,17 +255,6 @@ class WarmStart(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-class StopAtAccuracy(L.Callback):
-    """Stop training after the first evaluation whose held-out greedy accuracy reaches `target`."""
-
-    def __init__(self, target: float):
-        self.target = target
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and float(trainer.callback_metrics["val/accuracy"]) >= self.target:
-            trainer.should_stop = True
-
-
 def save_toy_checkpoint(model: ToyMoE, tokenizer_path: Path | str | None, path: Path | str) -> Path:
     """A small self-contained `model.pt`: config as a dict, state_dict, and the tokenizer's ranks text."""
     tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else RANKS_PATH
@@ -332,8 +321,9 @@ def pretrain(
     module = WarmStart(config, tokenizer, max_new_tokens=max(len(example.answer_ids) for example in held_out))
     callbacks = [LearningRateMonitor(logging_interval="step"),
                  ModelCheckpoint(dirpath=checkpoint.parent, every_n_train_steps=config.eval_every, save_last=True)]
-    if config.stop_at_accuracy is not None:
-        callbacks.append(StopAtAccuracy(config.stop_at_accuracy))
+    if config.stop_at_accuracy is not None:  # patience past the run: only the threshold stops it
+        callbacks.append(EarlyStopping("val/accuracy", mode="max", stopping_threshold=config.stop_at_accuracy,
+                                       patience=config.max_steps, check_on_train_epoch_end=False))
     trainer = L.Trainer(
         accelerator=config.accelerator,
         devices=config.devices,
