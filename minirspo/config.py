@@ -62,10 +62,10 @@ class LossSection:
     """ε_low; None: the loss's own default (grpo 0.2, gspo 3e-4, gmpo and rspo 0.4)"""
     clip_high: float | None = None
     """ε_high; None: the loss's own default (grpo 0.2, gspo 4e-4, gmpo and rspo 0.4)"""
+    # Off by default: with the 0.1 format reward, std scaling blows a group's 0.1-vs-0 format difference up to
+    # full-size advantages that push wrong answers up (docs/default_run.md).
     scale_advantages: bool = False
-    """divide each group's advantages by its reward std (GRPO's Â); off: Â = r − mean (Dr. GRPO, Liu et al.
-    2025). Off by default: with the 0.1 format reward, std scaling blows a group's 0.1-vs-0 format difference
-    up to full-size advantages that reinforce wrong answers (docs/default_run.md)"""
+    """divide each group's advantages by its reward std (GRPO); off: Â = r − mean (Dr. GRPO, Liu et al. 2025)"""
     routing_replay: bool = False
     """the training forward reuses the rollout's experts (the paper's routing-replay baseline)"""
     freeze_router: bool = False
@@ -90,10 +90,9 @@ class RolloutSection:
     """sampling temperature, >= 0 (0: greedy); 0.7 learned faster than 1.0 from a 10% start (docs/default_run.md)"""
     top_p: float = 1.0
     """nucleus sampling mass, in (0, 1]"""
+    # From a 10% start most groups are flat, and RL makes more of them so (docs/default_run.md).
     resample_rounds: int = 3
-    """DAPO's dynamic sampling: up to this many more rounds of fresh prompts per RL step replace prompt groups
-    whose G rewards are all equal (no gradient); 0: off. From a 10% start most groups are flat
-    (docs/default_run.md)"""
+    """DAPO's dynamic sampling: up to this many more rounds of fresh prompts replace groups with equal rewards"""
 
 
 @dataclass

@@ -76,10 +76,10 @@ class PretrainConfig:
     max_steps: int = 600  # optimiser steps; 600: ~80 s on 2 CPU cores, to ~100% on a+b= (module docstring)
     eval_every: int = 100  # steps between held-out greedy evaluations and checkpoints
     eval_examples: int = 256  # distinct prompts held out of training for evaluation
-    # Stop at the first evaluation whose held-out greedy accuracy exceeds this; None: train to max_steps.
     # Accuracy on a+b= jumps from ~10% to ~90% within ~100 steps, at a step that depends on the seed and the
     # CPU's float arithmetic, so a warm start for RL is chosen by accuracy, not by a fixed step count.
     stop_at_accuracy: float | None = None
+    """stop at the first evaluation whose held-out greedy accuracy exceeds this; None: train to max_steps"""
     seed: int = 0  # seeds the initialisation and the order of the examples
     accelerator: Accelerator = "cpu"  # Lightning accelerator
     devices: int = 1  # processes (one per GPU)
