@@ -16,7 +16,7 @@ It goes through the same doors as the RL loop (the Policy interface, the task's 
 held-out greedy accuracy), so it measures the loop, not a different model or metric.
 
 Examples:
-    python benchmarks/reinforce_reference.py --model toy:runs/warmstart/arithmetic-XXXX/model.pt
+    python benchmarks/reinforce_reference.py --model toy:runs/warmstart/arithmetic-HASH/model.pt
     python benchmarks/reinforce_reference.py --model toy:PATH --lr 3e-4 --steps 300 --seed 1 --csv runs/ref.csv
 """
 import argparse
