@@ -81,6 +81,7 @@ def run_minirspo(model: Path, new_tokens: int, steps: int, out: Path, diagnostic
     config = RLConfig(model=f"hf:{model}", out=str(out), loss="grpo", n_prompts=N_PROMPTS, group_size=GROUP,
                       minibatch_size=MINIBATCH, max_new_tokens=new_tokens, max_steps=steps + 1, eval_every=0,
                       eval_size=8, checkpoint_every=10_000, seed=SEED, accelerator="cpu",
+                      resample_rounds=0, scale_advantages=True,  # one sampling round, GRPO's Â, as TRL
                       router_diagnostics=diagnostics)
     minirspo.train.RLModule = TimedModule
     minirspo.train.run(config)
