@@ -109,6 +109,9 @@ class UpdateSection:
     """optimiser steps of linear warm-up (a fresh Adam jumps otherwise)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
+    # Not in the paper: a lever to make the router move faster than the rest (docs/results/moe_stress.md).
+    router_lr_scale: float = 1.0
+    """the router weights' learning rate is lr × this (> 0); 1: one learning rate for every weight"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
 
@@ -219,8 +222,9 @@ def check_values(config: RLConfig) -> None:
     if batch % config.minibatch_size:
         refuse("minibatch_size", config.minibatch_size,
                f"it must divide n_prompts × group_size = {config.n_prompts} × {config.group_size} = {batch}")
-    if not config.lr > 0:
-        refuse("lr", config.lr, "expected a learning rate > 0")
+    for name in ("lr", "router_lr_scale"):
+        if not getattr(config, name) > 0:
+            refuse(name, getattr(config, name), "expected a number > 0")
     if not config.temperature >= 0:
         refuse("temperature", config.temperature, "expected a number >= 0 (0: greedy)")
     if not 0 < config.top_p <= 1:

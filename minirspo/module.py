@@ -96,9 +96,11 @@ def step_seed(seed: int, step: int) -> int:
 class RLModule(L.LightningModule):
     def __init__(self, policy: Policy, config: RLConfig):
         super().__init__()
-        if not policy.is_moe and (config.uses_router_shift or config.routing_replay or config.freeze_router):
+        if not policy.is_moe and (config.uses_router_shift or config.routing_replay or config.freeze_router
+                                  or config.router_lr_scale != 1.0):
             raise ValueError("this model is dense (it has no MoE layers, so no router logits): --loss rspo, "
-                             "--router-shift, --routing-replay and --freeze-router all need an MoE router")
+                             "--router-shift, --routing-replay, --freeze-router and --router-lr-scale all need "
+                             "an MoE router")
         self.automatic_optimization = False
         self.policy, self.config = policy, config
         self.model = policy.model.train()  # checkpoints load in eval mode; generation toggles it per call
@@ -130,7 +132,12 @@ class RLModule(L.LightningModule):
         # benchmarks/README.md); sharded (DTensor) parameters keep PyTorch's default implementation
         params = list(self.model.parameters())
         fused = all(p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params)
-        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay,
+        groups = [{"params": params}]  # group 0 is the one whose lr is logged
+        if self.config.router_lr_scale != 1.0:  # the routers in a group of their own, at lr × router_lr_scale
+            routers = {id(p) for p in self.policy.router_weights}
+            groups = [{"params": [p for p in params if id(p) not in routers]},
+                      {"params": self.policy.router_weights, "lr": self.config.lr * self.config.router_lr_scale}]
+        optimizer = torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=self.config.weight_decay,
                                       fused=fused or None)
         warmup = max(self.config.warmup_steps, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))

@@ -123,6 +123,10 @@ def test_frozen_router_gets_no_gradient_and_the_same_values(checkpoints, family)
     assert torch.equal(frozen.topk_idx, free.topk_idx)
     assert all(g is not None and g.abs().max() > 0 for g in free_grads)
     assert all(g is None for g in frozen_grads)
+    # --router-lr-scale's parameter group: the weights that freezing stops, one (E, D) matrix per MoE layer
+    names = {id(p): name for name, p in policy.model.named_parameters()}
+    assert [names[id(w)] for w in policy.router_weights] == [names[id(g.weight)] for g in policy.router.gates]
+    assert len(policy.router_weights) == len(policy.decoder_layers)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -62,6 +62,34 @@ def test_frozen_router_does_not_move_while_the_rest_does(tiny_checkpoint, tmp_pa
     assert not torch.equal(frozen["model.embed.weight"], initial["embed.weight"])
 
 
+def test_router_lr_scale_scales_the_router_step_and_nothing_else(tiny_checkpoint):
+    # One AdamW step from the same weights and gradients, with and without --router-lr-scale 4. Adam's step is
+    # lr · m̂ / (√v̂ + ε), linear in lr, so the routers must move exactly 4× as far (to the ulps of the weights,
+    # rounding of w − step) and every other weight exactly as far as before.
+    steps = {}
+    for scale in (1.0, 4.0):
+        model, tokenizer = load_toy_checkpoint(tiny_checkpoint)
+        module = RLModule(ToyPolicy(model, tokenizer), RLConfig(lr=1e-2, router_lr_scale=scale))
+        [optimizer], [schedule] = module.configure_optimizers()
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        for name, p in model.named_parameters():
+            p.grad = torch.linspace(-1.0, 1.0, p.numel()).view_as(p)
+        optimizer.step()
+        steps[scale] = {name: p.detach() - before[name] for name, p in model.named_parameters()}
+    routers = {name for name in steps[1.0] if name.endswith("router.weight")}
+    assert len(routers) == TINY.n_layers
+    for name, step in steps[1.0].items():
+        if name in routers:
+            assert_close_in_ulps(steps[4.0][name], 4 * step, ulps=8, scale=largest_weight(tiny_checkpoint), msg=name)
+            assert step.abs().max() > 0, name
+        else:
+            assert torch.equal(steps[4.0][name], step), name
+
+
+def largest_weight(checkpoint) -> float:
+    return max(w.abs().max().item() for w in torch.load(checkpoint, weights_only=True)["state_dict"].values())
+
+
 def test_resume_is_bit_exact(tiny_checkpoint, tmp_path):
     # The load-balance loss keeps the weights, Adam's state and the adaptive γ floor moving even where a
     # random-init model earns no reward, so an inexact resume would show.

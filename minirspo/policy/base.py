@@ -53,6 +53,11 @@ class Policy(ABC):
 
     @property
     @abstractmethod
+    def router_weights(self) -> list[nn.Parameter]:
+        """The MoE routers' weights, one per MoE layer ([] for a dense model): `--router-lr-scale` scales them."""
+
+    @property
+    @abstractmethod
     def decoder_layers(self) -> list[nn.Module]:
         """The repeated blocks of `model`: one FSDP unit and one activation-checkpointing unit each."""
 

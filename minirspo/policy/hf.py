@@ -264,6 +264,10 @@ class HFPolicy(Policy):
         return bool(self.router.gates)
 
     @property
+    def router_weights(self) -> list[nn.Parameter]:
+        return [gate.weight for gate in self.router.gates]
+
+    @property
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.model.lm.get_decoder().layers)
 

@@ -27,6 +27,10 @@ class ToyPolicy(Policy):
         return self.model.n_moe_layers > 0
 
     @property
+    def router_weights(self) -> list[nn.Parameter]:
+        return [module.router.weight for module in self.model.modules() if hasattr(module, "router")]
+
+    @property
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.model.blocks)
 
