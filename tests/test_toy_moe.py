@@ -366,6 +366,27 @@ def test_dense_layers_follow_moe_layers_and_report_only_moe_routing():
     assert out.expert_counts.sum() == 2 * 5 * 2
 
 
+def test_no_moe_layer_is_the_dense_model_of_the_same_active_compute():
+    # moe_layers=() (the dense control): every layer a SwiGLU of hidden F·K; it must compute exactly what a
+    # one-expert top-1 MoE of hidden F·K computes with the same weights (whose gate is exactly 1), and report
+    # no routing and zero router losses.
+    dense = tiny_model(3, moe_layers=())
+    one_expert = tiny_model(4, n_experts=1, top_k=1, expert_hidden=2 * 24)
+    with torch.no_grad():
+        for name, param in one_expert.named_parameters():
+            if "router" not in name:
+                param.copy_(dense.get_parameter(name).reshape(param.shape))
+    ids, mask = torch.randint(0, 32, (3, 6)), torch.tensor([[0] * 2 + [1] * 4] + [[1] * 6] * 2).bool()
+    out = dense(ids, mask)
+    assert torch.equal(out.logits, one_expert(ids, mask).logits)
+    assert out.router_logits.shape == (0, 3, 6, 4) and out.topk_idx.shape == (0, 3, 6, 2)
+    assert out.aux_loss == 0 and out.z_loss == 0 and out.expert_counts.shape == (0, 4)
+    assert dense.n_moe_layers == 0 and not any("router" in name for name, _ in dense.named_parameters())
+    rollout = generate(dense, ids, mask, max_new_tokens=3, temperature=1.0, stop_tokens=(1,), pad_id=0,
+                       generator=torch.Generator().manual_seed(0))
+    assert rollout.tokens.shape == (3, 3) and rollout.topk_idx.shape == (0, 3, 3, 2)
+
+
 def test_bf16_autocast_runs_with_a_float32_router():
     torch.manual_seed(0)
     model = ToyMoE(ToyMoEConfig(d_model=32, n_layers=2, n_heads=2, n_experts=4, expert_hidden=32))

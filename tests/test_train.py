@@ -1,5 +1,6 @@
 """The RL loop end to end on a tiny toy MoE: every loss runs, resume is exact, minibatches go off-policy,
 RSPO learns, and bad input fails clearly."""
+import dataclasses
 import math
 
 import pytest
@@ -88,6 +89,23 @@ def test_router_lr_scale_scales_the_router_step_and_nothing_else(tiny_checkpoint
 
 def largest_weight(checkpoint) -> float:
     return max(w.abs().max().item() for w in torch.load(checkpoint, weights_only=True)["state_dict"].values())
+
+
+@pytest.mark.parametrize("flags", [["--loss", "rspo"], ["--loss", "grpo", "--routing-replay"],
+                                   ["--loss", "grpo", "--router-lr-scale", "2"]], ids=" ".join)
+def test_the_dense_toy_trains_with_router_free_losses_and_refuses_router_flags(tmp_path, capsys, flags):
+    torch.manual_seed(0)
+    dense = save_toy_checkpoint(ToyMoE(dataclasses.replace(TINY, moe_layers=())), None, tmp_path / "dense.pt")
+    main(tiny_args(dense, tmp_path / "grpo", "--loss", "grpo"))
+    metrics = read_metrics(tmp_path / "grpo" / "metrics.csv")
+    assert metrics["step"] == [0.0, 1.0] and all(math.isfinite(v) for v in metrics["loss"])
+    assert "gamma_mean" not in metrics and "routing_consistency" not in metrics
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_args(dense, tmp_path / "refused", *flags))
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "need an MoE router" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "refused" / "metrics.csv").exists()
 
 
 def test_resume_is_bit_exact(tiny_checkpoint, tmp_path):

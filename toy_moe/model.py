@@ -44,7 +44,8 @@ class ToyMoEConfig:
     n_experts: int = 8  # E: 8 experts as in Mixtral 8x7B (Jiang et al. 2024)
     top_k: int = 2  # K: top-2 routing (GShard, Lepikhin et al. 2020; Mixtral)
     expert_hidden: int = 256  # F: SwiGLU hidden size of one expert (Shazeer 2020, "GLU Variants")
-    # None = every layer is MoE; the others get a dense SwiGLU of hidden size F·K (the same active compute).
+    # Which layers are MoE (None: all); the others get a dense SwiGLU of hidden size F·K, the same active
+    # compute, so () is the dense model of that compute (the control with no router at all).
     moe_layers: tuple[int, ...] | None = None
     norm_topk_prob: bool = True  # renormalise the K gates to sum to 1 (Mixtral, Qwen-MoE)
     aux_loss_coef: float = 0.01  # α of the Switch Transformer load-balance loss (Fedus et al. 2021)
@@ -68,8 +69,6 @@ class ToyMoEConfig:
             raise ValueError(f"ToyMoEConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.moe_layers is not None:
             self.moe_layers = tuple(self.moe_layers)
-            if not self.moe_layers:
-                raise ValueError("ToyMoEConfig.moe_layers is empty: a ToyMoE needs at least one MoE layer (None = all)")
             in_range = all(0 <= i < self.n_layers for i in self.moe_layers)
             if len(set(self.moe_layers)) != len(self.moe_layers) or not in_range:
                 raise ValueError(f"ToyMoEConfig.moe_layers={self.moe_layers} must be distinct layer indices "
@@ -278,6 +277,9 @@ def router_statistics(router_logits: Tensor, topk_idx: Tensor, valid: Tensor) ->
     gives 0 for both.
     """
     n_layers, _, _, n_experts = router_logits.shape
+    if n_layers == 0:  # a dense model has no router to balance
+        zero = router_logits.new_zeros(())
+        return zero, zero, router_logits.new_zeros(0, n_experts)
     top_k = topk_idx.shape[-1]
     weight = valid.to(router_logits.dtype)  # (B, T)
     n_real = weight.sum().clamp_min(1.0)
@@ -362,7 +364,11 @@ class ToyMoE(nn.Module):
                 router_logits.append(layer_logits)
                 topk_idx.append(layer_idx)
         logits = F.linear(self.final_norm(x), self.embed.weight)  # (B, T, V)
-        router_logits, topk_idx = torch.stack(router_logits), torch.stack(topk_idx)  # (L, B, T, E), (L, B, T, K)
+        if router_logits:
+            router_logits, topk_idx = torch.stack(router_logits), torch.stack(topk_idx)  # (L, B, T, E), (L, B, T, K)
+        else:  # a dense model: no MoE layer, L = 0
+            router_logits = x.new_zeros(0, *input_ids.shape, self.config.n_experts, dtype=torch.float32)  # (0, B, T, E)
+            topk_idx = torch.zeros(0, *input_ids.shape, self.config.top_k, dtype=torch.long, device=x.device)  # (0, B, T, K)
         aux_loss, z_loss, expert_counts = router_statistics(router_logits, topk_idx, valid)
         return ToyMoEOutput(logits, router_logits, topk_idx, aux_loss, z_loss, expert_counts, kv_cache)
 
