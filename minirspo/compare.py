@@ -41,7 +41,7 @@ from rich.progress import Progress  # noqa: E402
 
 from minirspo.config import parse_config, validate  # noqa: E402
 from minirspo.report import read_metrics, smoothed  # noqa: E402
-from minirspo.warmstart import warm_start  # noqa: E402
+from minirspo.warmstart import warm_start, warm_start_dir  # noqa: E402
 from toy_moe.entrypoint import UsageError, fail, quiet_console  # noqa: E402
 
 # What each variant adds to `python -m minirspo.train`; the paper's Countdown study and its baselines.
@@ -57,8 +57,13 @@ VARIANTS = {
     "rspo γmin=0.6": ["--loss", "rspo", "--gamma-min", "0.6"],
     "rspo γmin=0.9": ["--loss", "rspo", "--gamma-min", "0.9"],
     "rspo γmin=auto": ["--loss", "rspo", "--gamma-min", "auto"],
+    # the control with no router: every MoE layer replaced by a dense SwiGLU of the same active width (F·K)
+    "dense": ["--loss", "grpo", "--pretrain.model.moe-layers"],
 }
+ROUTER_FREE = {"dense"}  # variants that get none of a preset's router_args
 METRICS = ("reward_mean", "accuracy", "entropy", "routing_consistency", "gamma_mean", "clip_frac")
+# The paper's diagnostic, read around each crash: does routing drift, or a clipping burst, come first?
+DIAGNOSTICS = ("reward_mean", "clip_frac", "gamma_mean", "gamma_floored_frac", "routing_consistency")
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Preset:
     lrs: tuple[float, ...]
     seeds: tuple[int, ...]
     train_args: tuple[str, ...]   # the same budget for every run
+    router_args: tuple[str, ...] = ()  # flags for every variant with a router (not the dense control)
 
 
 PRESETS = {
@@ -95,12 +101,18 @@ class Run:
         return f"{self.variant.replace(' ', '_').replace('=', '')}-lr{self.lr:g}-seed{self.seed}"
 
 
-def train_command(run: Run, run_dir: Path, train_args: list[str], resume: bool) -> list[str]:
-    return [sys.executable, "-m", "minirspo.train", *VARIANTS[run.variant], "--lr", str(run.lr),
-            "--seed", str(run.seed), "--out", str(run_dir), *train_args, *(["--resume"] if resume else [])]
+def run_args(run: Run, preset: Preset, extra: list[str]) -> list[str]:
+    """The flags of one run, but --out and --resume: variant, lr, seed, the preset's budget, then `extra`."""
+    router_args = () if run.variant in ROUTER_FREE else preset.router_args
+    return [*VARIANTS[run.variant], "--lr", str(run.lr), "--seed", str(run.seed), *preset.train_args,
+            *router_args, *extra]
 
 
-def run_grid(runs: list[Run], out: Path, train_args: list[str], jobs: int) -> list[Run]:
+def train_command(args: list[str], run_dir: Path, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "minirspo.train", *args, "--out", str(run_dir), *(["--resume"] if resume else [])]
+
+
+def run_grid(runs: list[Run], out: Path, args_of: dict[str, list[str]], jobs: int) -> list[Run]:
     """Run what is not finished yet, `jobs` at a time; return the runs that were launched."""
     pending = [run for run in runs if not (out / "runs" / run.name / "done.json").is_file()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -115,7 +127,7 @@ def run_grid(runs: list[Run], out: Path, train_args: list[str], jobs: int) -> li
                 run_dir.mkdir(parents=True, exist_ok=True)
                 resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
                 with open(run_dir / "train.log", "a") as log:
-                    process = subprocess.Popen(train_command(run, run_dir, train_args, resume), env=env,
+                    process = subprocess.Popen(train_command(args_of[run.name], run_dir, resume), env=env,
                                                stdout=log, stderr=subprocess.STDOUT)
                 active.append((run, process, time.perf_counter()))
             time.sleep(0.5)
@@ -141,9 +153,17 @@ def run_summary(metrics: dict[str, list[float]], threshold: float) -> dict[str, 
     reached = next((step for step, r in zip(metrics["step"], reward) if r >= threshold), math.nan)
     # A well-formed wrong answer still earns 0.1, so a policy that forgot every sum keeps a reward near 0.1
     # and may never "halve" it; held-out accuracy (first evaluation = the warm start) shows that collapse.
-    return {"final_accuracy": accuracy[-1], "steps_to_threshold": reached,
+    return {"final_accuracy": accuracy[-1], "lowest_accuracy": min(accuracy), "steps_to_threshold": reached,
             "collapsed": float(reward[-1] < 0.5 * max(reward)),
-            "accuracy_collapsed": float(accuracy[-1] < 0.5 * max(accuracy))}
+            "accuracy_collapsed": float(accuracy[-1] < 0.5 * max(accuracy)),
+            "crashed": float(crash_step(metrics) is not None)}
+
+
+def crash_step(metrics: dict[str, list[float]]) -> float | None:
+    """The first evaluation whose held-out accuracy is below half the warm start's (the first evaluation, at
+    step 0), or None: a crash, whether or not the run recovers by its end."""
+    evaluated = [(step, a) for step, a in zip(metrics["step"], metrics["accuracy"]) if not math.isnan(a)]
+    return next((step for step, a in evaluated[1:] if a < 0.5 * evaluated[0][1]), None)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -153,16 +173,56 @@ def _mean_std(values: list[float]) -> str:
 
 
 def results_table(summaries: dict[tuple[str, float], list[dict[str, float]]], threshold: float) -> str:
-    lines = [f"| variant | lr | final held-out accuracy (mean ± std) | steps to reward ≥ {threshold} "
-             f"(mean, reached/runs) | reward collapsed/runs | accuracy collapsed/runs |", "|---|---|---|---|---|---|"]
+    lines = [f"| variant | lr | final held-out accuracy (mean ± std) | lowest held-out accuracy | steps to reward ≥ "
+             f"{threshold} (mean, reached/runs) | reward collapsed/runs | accuracy collapsed/runs | crashed/runs |",
+             "|---|---|---|---|---|---|---|---|"]
     for (variant, lr), rows in summaries.items():
         reached = [r["steps_to_threshold"] for r in rows if not math.isnan(r["steps_to_threshold"])]
         steps = f"{statistics.fmean(reached):.1f} ({len(reached)}/{len(rows)})" if reached else f"— (0/{len(rows)})"
-        collapsed = sum(int(r["collapsed"]) for r in rows)
-        forgot = sum(int(r["accuracy_collapsed"]) for r in rows)
-        lines.append(f"| {variant} | {lr:g} | {_mean_std([r['final_accuracy'] for r in rows])} | {steps} | "
-                     f"{collapsed}/{len(rows)} | {forgot}/{len(rows)} |")
+        counts = [f"{sum(int(r[key]) for r in rows)}/{len(rows)}" for key in ("collapsed", "accuracy_collapsed", "crashed")]
+        lines.append(f"| {variant} | {lr:g} | {_mean_std([r['final_accuracy'] for r in rows])} | "
+                     f"{_mean_std([r['lowest_accuracy'] for r in rows])} | {steps} | {' | '.join(counts)} |")
     return "\n".join(lines)
+
+
+def crash_window(curves: dict[tuple[str, float], list[dict[str, list[float]]]], before: int = 10, after: int = 10
+                 ) -> dict[tuple[str, float], dict[str, list[float]]]:
+    """Per variant and lr, the mean over its crashed runs of each DIAGNOSTICS metric at steps crash + k,
+    k = −before..after (NaN where no crashed run has that step): does router drift or clipping lead?"""
+    windows = {}
+    for key, runs in curves.items():
+        crashed = [(m, crash_step(m)) for m in runs if crash_step(m) is not None]
+        if not crashed:
+            continue
+        windows[key] = {"runs": [float(len(crashed))]}
+        for metric in DIAGNOSTICS:
+            column = []
+            for offset in range(-before, after + 1):
+                values = [m[metric][m["step"].index(c + offset)] for m, c in crashed
+                          if metric in m and c + offset in m["step"]]
+                values = [v for v in values if not math.isnan(v)]
+                column.append(statistics.fmean(values) if values else math.nan)
+            windows[key][metric] = column
+    return windows
+
+
+def plot_crash_window(windows, before: int, path: Path) -> None:
+    """One panel per diagnostic, x = RL steps relative to the crash (the first evaluation below half the start)."""
+    figure, axes = plt.subplots(1, len(DIAGNOSTICS), figsize=(4.2 * len(DIAGNOSTICS), 3.6), squeeze=False)
+    colours = dict(zip(VARIANTS, plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]))
+    for axis, metric in zip(axes[0], DIAGNOSTICS):
+        for (variant, lr), window in windows.items():
+            offsets = range(-before, len(window[metric]) - before)
+            axis.plot(offsets, window[metric], color=colours[variant],
+                      label=f"{variant} lr {lr:g} ({int(window['runs'][0])} runs)")
+        axis.axvline(0, color="grey", linewidth=0.8)
+        axis.set_title(metric, fontsize=10)
+        axis.set_xlabel("RL steps from the crash")
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def plot_metric(curves: dict[tuple[str, float], list[dict[str, list[float]]]], metric: str, path: Path) -> None:
@@ -206,8 +266,31 @@ def write_results(runs: list[Run], out: Path, threshold: float) -> str:
         plot_metric(curves, metric, out / f"{metric}.png")
     summaries = {key: [run_summary(m, threshold) for m in metrics] for key, metrics in curves.items()}
     table = results_table(summaries, threshold)
-    (out / "results.md").write_text(table + "\n")
+    windows = crash_window(curves, before=CRASH_WINDOW, after=CRASH_WINDOW)
+    if windows:
+        plot_crash_window(windows, CRASH_WINDOW, out / "crash_window.png")
+    (out / "results.md").write_text(table + "\n" + crash_table(windows))
     return table
+
+
+CRASH_WINDOW = 10  # RL steps shown either side of a crash
+
+
+def crash_table(windows) -> str:
+    """The crash window as text: each diagnostic's mean over the 5 steps before the crash and the 5 after."""
+    if not windows:
+        return ""
+    lines = ["", "Around the crashes (mean over crashed runs; steps −5..−1 → 0..4 from the first evaluation below "
+             "half the warm start's accuracy; crash_window.png shows ±10):", "",
+             "| variant | lr | crashed runs | " + " | ".join(DIAGNOSTICS) + " |", "|---|---|---|" + "---|" * len(DIAGNOSTICS)]
+    for (variant, lr), window in windows.items():
+        cells = []
+        for metric in DIAGNOSTICS:
+            before = [v for v in window[metric][CRASH_WINDOW - 5:CRASH_WINDOW] if not math.isnan(v)]
+            after = [v for v in window[metric][CRASH_WINDOW:CRASH_WINDOW + 5] if not math.isnan(v)]
+            cells.append(" → ".join(f"{statistics.fmean(v):.3f}" if v else "—" for v in (before, after)))
+        lines.append(f"| {variant} | {lr:g} | {int(window['runs'][0])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,26 +310,27 @@ def main(argv: list[str] | None = None) -> None:
                         help="train nothing: figures and table from the runs of the grid that already finished")
     args = parser.parse_args(ours)
     preset = PRESETS[args.preset]
-    try:  # the flags every run gets, checked once before any run starts (each run writes its config.yaml)
-        run_config = parse_config([*preset.train_args, *train_args], prog="python -m minirspo.compare --")
-        if not args.report_only:
-            validate(dataclasses.replace(run_config, resume=False))
-    except UsageError as error:
-        fail(error)
-    quiet_console(run_config.verbose)
     runs = [Run(v, lr, s) for v in args.variants or preset.variants for lr in args.lrs or preset.lrs
             for s in args.seeds or preset.seeds]
-    train_args = [*preset.train_args, *train_args]
+    args_of = {run.name: run_args(run, preset, train_args) for run in runs}
+    try:  # every run's flags, checked before any run starts (each run writes its config.yaml)
+        configs = [parse_config(argv, prog="python -m minirspo.compare --") for argv in args_of.values()]
+        if not args.report_only:
+            for config in configs:
+                validate(dataclasses.replace(config, resume=False))
+    except UsageError as error:
+        fail(error)
+    quiet_console(configs[0].verbose)
     started, launched = time.perf_counter(), []
     if args.report_only:
         runs = [run for run in runs if (args.out / "runs" / run.name / "done.json").is_file()]
         if not runs:
             raise SystemExit(f"--report-only: no finished run of this grid in {args.out / 'runs'}")
     else:
-        if not run_config.model:  # one warm start per seed (--seed seeds it), before the runs race to train it
-            for seed in sorted({run.seed for run in runs}):
-                warm_start(dataclasses.replace(run_config, seed=seed))
-        launched = run_grid(runs, args.out, train_args, args.jobs)
+        # one warm start per seed and model (the dense control has its own), before the runs race to train it
+        for config in {warm_start_dir(config): config for config in configs if not config.model}.values():
+            warm_start(config)
+        launched = run_grid(runs, args.out, args_of, args.jobs)
     table = write_results(runs, args.out, args.reward_threshold)
     Console().print(table)
     Console().print(f"{len(launched)} runs trained in {time.perf_counter() - started:.0f} s; "

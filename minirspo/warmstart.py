@@ -31,12 +31,18 @@ def until(pretrain: PretrainConfig) -> str:
     return f"until held-out greedy accuracy passes {pretrain.stop_at_accuracy:.0%} (at most {pretrain.max_steps} steps)"
 
 
-def warm_start(config: RLConfig) -> Path:
-    """Path of the cached warm-start checkpoint for `config`, pretraining it first if it is missing."""
+def warm_start_dir(config: RLConfig) -> Path:
+    """Where `config`'s warm start is cached: one folder per task, seed and pretrain config."""
     pretrain_config = dataclasses.replace(config.pretrain, seed=config.seed)
     settings = json.dumps({"task": config.task, "task_options": config.task_options,
                            **dataclasses.asdict(pretrain_config)}, sort_keys=True)
-    out_dir = Path(config.warmstart_dir) / f"{config.task}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
+    return Path(config.warmstart_dir) / f"{config.task}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
+
+
+def warm_start(config: RLConfig) -> Path:
+    """Path of the cached warm-start checkpoint for `config`, pretraining it first if it is missing."""
+    pretrain_config = dataclasses.replace(config.pretrain, seed=config.seed)
+    out_dir = warm_start_dir(config)
     if (out_dir / "model.pt").is_file():
         Console(soft_wrap=True).print(f"[bold]warm start:[/] {out_dir / 'model.pt'} (trained earlier with these "
                                       "settings)")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from minirspo.compare import main, run_summary
+from minirspo.compare import Preset, Run, crash_step, crash_window, main, run_args, run_summary
 from minirspo.config import parse_config
 from minirspo.report import read_metrics, smoothed
 from toy_moe.model import ToyMoE, ToyMoEConfig
@@ -43,15 +43,16 @@ def test_grid_writes_every_run_figure_and_table(grid):
 
 def test_table_numbers_equal_what_the_csvs_hold(grid):
     out, _ = grid
-    rows = [line.split("|")[1:-1] for line in (out / "results.md").read_text().splitlines()[2:]]
+    table = (out / "results.md").read_text().split("\n\n")[0]  # the crash table, if any, follows a blank line
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
     assert [row[0].strip() for row in rows] == ["grpo", "rspo"]
     for row in rows:
         metrics = read_metrics(out / "runs" / f"{row[0].strip()}-lr0.001-seed0" / "metrics.csv")
-        final_accuracy = [v for v in metrics["accuracy"] if not math.isnan(v)][-1]
-        assert row[2].strip() == f"{final_accuracy:.3f} ± 0.000"
+        accuracy = [v for v in metrics["accuracy"] if not math.isnan(v)]
+        assert row[2].strip() == f"{accuracy[-1]:.3f} ± 0.000" and row[3].strip() == f"{min(accuracy):.3f} ± 0.000"
         summary = run_summary(metrics, threshold=0.2)
-        assert row[4].strip() == f"{int(summary['collapsed'])}/1"
-        assert row[5].strip() == f"{int(summary['accuracy_collapsed'])}/1"
+        assert [cell.strip() for cell in row[5:]] == [
+            f"{int(summary[key])}/1" for key in ("collapsed", "accuracy_collapsed", "crashed")]
 
 
 def test_a_second_invocation_skips_finished_runs(grid, capsys):
@@ -84,8 +85,8 @@ def test_collapse_and_threshold_are_read_off_the_smoothed_reward():
     rising = {"step": steps, "reward_mean": [s / 20 for s in range(20)], "accuracy": [0.1] * 19 + [0.7]}
     summary = run_summary(rising, threshold=0.5)
     # the 5-step trailing mean first reaches 0.5 at step 12: (8 + 9 + 10 + 11 + 12) / 5 / 20 = 0.5
-    assert summary == {"final_accuracy": 0.7, "steps_to_threshold": 12.0, "collapsed": 0.0,
-                       "accuracy_collapsed": 0.0}
+    assert summary == {"final_accuracy": 0.7, "lowest_accuracy": 0.1, "steps_to_threshold": 12.0, "collapsed": 0.0,
+                       "accuracy_collapsed": 0.0, "crashed": 0.0}
     peak_then_zero = {"step": steps, "reward_mean": [0.8] * 10 + [0.0] * 10, "accuracy": [0.5] * 20}
     assert run_summary(peak_then_zero, threshold=0.5)["collapsed"] == 1.0
     # the format reward keeps a forgetful policy's reward near 0.1: only its accuracy shows the collapse
@@ -94,3 +95,39 @@ def test_collapse_and_threshold_are_read_off_the_smoothed_reward():
     assert math.isnan(summary["steps_to_threshold"])
     assert (summary["collapsed"], summary["accuracy_collapsed"]) == (0.0, 1.0)
     assert smoothed([1.0, 3.0, 5.0], width=2) == [1.0, 2.0, 4.0]
+
+
+def test_a_crash_is_the_first_evaluation_below_half_the_start_and_its_window_is_aligned_on_it():
+    nan = math.nan
+    steps = [float(s) for s in range(12)]
+    # evaluated every 3 steps; 0.4 at the start, 0.25 at step 3 (not below 0.2), 0.15 at step 6: the crash
+    accuracy = [0.4, nan, nan, 0.25, nan, nan, 0.15, nan, nan, 0.35, nan, nan]
+    recovered = {"step": steps, "accuracy": accuracy, "reward_mean": [0.5] * 12,
+                 "clip_frac": [s / 100 for s in range(12)], "gamma_mean": [1 - s / 100 for s in range(12)],
+                 "gamma_floored_frac": [0.0] * 12, "routing_consistency": [0.9] * 12}
+    assert crash_step(recovered) == 6.0
+    assert run_summary(recovered, threshold=0.5)["crashed"] == 1.0
+    assert run_summary(recovered, threshold=0.5)["accuracy_collapsed"] == 0.0  # it ended at 0.35
+    steady = {**recovered, "accuracy": [0.4, nan, nan, 0.3, nan, nan, 0.21, nan, nan, 0.2, nan, nan]}
+    assert crash_step(steady) is None
+    # a second crashed run, 2 steps later: the window averages the two runs at equal offsets from their crash
+    later = {**recovered, "accuracy": [0.4, nan, nan, 0.25, nan, nan, 0.3, nan, 0.1, 0.35, nan, nan],
+             "clip_frac": [0.0] * 12}
+    windows = crash_window({("grpo", 1e-3): [recovered, steady, later]}, before=2, after=1)
+    assert set(windows) == {("grpo", 1e-3)} and windows[("grpo", 1e-3)]["runs"] == [2.0]
+    # offsets −2..1: run 1 at steps 4..7 (clip 0.04..0.07), run 2 at steps 6..9 (clip 0); means of two float64
+    # values of order 1 are exact to ~1e-16, so 1e-12 only absorbs the decimal constants' rounding
+    assert windows[("grpo", 1e-3)]["clip_frac"] == pytest.approx([0.02, 0.025, 0.03, 0.035], abs=1e-12)
+    gamma = windows[("grpo", 1e-3)]["gamma_mean"]  # 1 − step/100 averaged over steps 4..7 and 6..9
+    assert gamma == pytest.approx([1 - 0.05, 1 - 0.06, 1 - 0.07, 1 - 0.08], abs=1e-12)
+
+
+def test_router_args_go_to_every_variant_with_a_router_and_not_to_the_dense_control():
+    preset = Preset(("grpo", "dense"), (1e-4,), (0,), ("--max-steps", "5"), router_args=("--router-lr-scale", "3"))
+    moe, dense = (run_args(Run(variant, 1e-4, 7), preset, ["--eval-size", "8"]) for variant in ("grpo+replay", "dense"))
+    assert moe == ["--loss", "grpo", "--routing-replay", "--lr", "0.0001", "--seed", "7", "--max-steps", "5",
+                   "--router-lr-scale", "3", "--eval-size", "8"]
+    assert dense == ["--loss", "grpo", "--pretrain.model.moe-layers", "--lr", "0.0001", "--seed", "7",
+                     "--max-steps", "5", "--eval-size", "8"]
+    config = parse_config(dense)
+    assert config.pretrain.model.moe_layers == () and config.router_lr_scale == 1.0
