@@ -16,6 +16,7 @@ configuration to `runs/NAME/config.yaml`, as `python -m minirspo.train` does.
 Examples:
     python -m minirspo.compare                          # the CPU grid, about 80 minutes on 2 cores
     python -m minirspo.compare --preset gpu             # sized for one GPU, about 10 minutes
+    python -m minirspo.compare --preset moe-stress      # where the router crashes GRPO: 36 runs, ~2 h on 2 cores
     python -m minirspo.compare --preset smoke --out /tmp/grid      # two short runs, to try it out
     python -m minirspo.compare --variants rspo grpo --lrs 1e-4 2e-4 --seeds 0 1 2
     python -m minirspo.compare -- --task countdown      # arguments after -- go to every run
@@ -84,6 +85,15 @@ PRESETS = {
     "gpu": Preset(tuple(VARIANTS), (1e-4, 3e-4, 1e-3), (0, 1, 2),
                   ("--max-steps", "150", "--eval-every", "10", "--eval-size", "500", "--accelerator", "gpu",
                    "--n-prompts", "64")),
+    # The router-stress regime of docs/results/moe_stress.md: fine-grained experts (E 32, K 4, F 128: the active
+    # width of E 8, K 2, F 256), a 30%-plus warm start, 16 off-policy-heavy updates per rollout (minibatches
+    # of 32, 2 epochs) and routers at 30× the lr. Frozen router and dense model learn here; GRPO crashes.
+    "moe-stress": Preset(tuple(VARIANTS), (2e-4,), (0, 1, 2),
+                         ("--pretrain.model.n-experts", "32", "--pretrain.model.top-k", "4",
+                          "--pretrain.model.expert-hidden", "128", "--pretrain.stop-at-accuracy", "0.3",
+                          "--minibatch-size", "32", "--ppo-epochs", "2", "--max-steps", "60", "--eval-every", "5",
+                          "--eval-size", "200", "--checkpoint-every", "20"),
+                         router_args=("--router-lr-scale", "30")),
     "smoke": Preset(("grpo", "rspo"), (1e-4,), (0,),
                     ("--max-steps", "4", "--eval-every", "2", "--eval-size", "32", "--n-prompts", "8",
                      "--minibatch-size", "16")),
