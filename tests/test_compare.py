@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from minirspo.compare import Preset, Run, crash_step, crash_window, main, run_args, run_summary
-from minirspo.config import parse_config
+from minirspo.compare import PRESETS, ROUTER_FREE, Preset, Run, crash_step, crash_window, main, run_args, run_summary
+from minirspo.config import parse_config, validate
 from minirspo.report import read_metrics, smoothed
 from toy_moe.model import ToyMoE, ToyMoEConfig
 from toy_moe.pretrain import save_toy_checkpoint
@@ -131,3 +131,12 @@ def test_router_args_go_to_every_variant_with_a_router_and_not_to_the_dense_cont
                      "--max-steps", "5", "--eval-size", "8"]
     config = parse_config(dense)
     assert config.pretrain.model.moe_layers == () and config.router_lr_scale == 1.0
+
+
+def test_every_run_of_the_moe_stress_preset_is_valid():
+    # the one preset with router_args and the dense control (compare checks every preset's runs when it starts)
+    preset = PRESETS["moe-stress"]
+    for variant in preset.variants:
+        config = parse_config(run_args(Run(variant, preset.lrs[0], preset.seeds[0]), preset, []))
+        validate(config)
+        assert (config.pretrain.model.moe_layers == ()) == (variant in ROUTER_FREE)
