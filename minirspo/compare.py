@@ -9,9 +9,13 @@ resumes from its last checkpoint.
 
 Writes to --out: `runs/NAME/` (each run's metrics.csv, curves.png, checkpoints), one figure per metric
 (`reward_mean.png`, `accuracy.png`, ...: mean across seeds with a min–max band, one panel per lr) and
-`results.md` (final held-out accuracy mean ± std, steps to a reward threshold, collapse counts: runs whose
-smoothed reward, or whose held-out accuracy, ended below half of its peak). Every run writes its resolved
-configuration to `runs/NAME/config.yaml`, as `python -m minirspo.train` does.
+`results.md` (final and lowest held-out accuracy mean ± std, steps to a reward threshold, collapse counts:
+runs whose smoothed reward, or whose held-out accuracy, ended below half of its peak; crash counts: runs
+with an evaluation below half the warm start's accuracy, recovered or not). Around each crash the paper's
+diagnostics — clip fraction, γ and its floored share, routing consistency — are averaged over the crashed
+runs on steps counted from the crash (`crash_window.png` and a table in `results.md`), to see whether router
+drift or clipping comes first. Every run writes its resolved configuration to `runs/NAME/config.yaml`, as
+`python -m minirspo.train` does.
 
 Examples:
     python -m minirspo.compare                          # the CPU grid, about 80 minutes on 2 cores
