@@ -66,6 +66,7 @@ VARIANTS = {
     "dense": ["--loss", "grpo", "--pretrain.model.moe-layers"],
 }
 ROUTER_FREE = {"dense"}  # variants that get none of a preset's router_args
+COLOURS = dict(zip(VARIANTS, plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]))
 METRICS = ("reward_mean", "accuracy", "entropy", "routing_consistency", "gamma_mean", "clip_frac")
 # The paper's diagnostic, read around each crash: does routing drift, or a clipping burst, come first?
 DIAGNOSTICS = ("reward_mean", "clip_frac", "gamma_mean", "gamma_floored_frac", "routing_consistency")
@@ -223,15 +224,20 @@ def crash_window(curves: dict[tuple[str, float], list[dict[str, list[float]]]], 
 def plot_crash_window(windows, before: int, path: Path) -> None:
     """One panel per diagnostic, x = RL steps relative to the crash (the first evaluation below half the start)."""
     figure, axes = plt.subplots(1, len(DIAGNOSTICS), figsize=(4.2 * len(DIAGNOSTICS), 3.6), squeeze=False)
-    colours = dict(zip(VARIANTS, plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]))
     for axis, metric in zip(axes[0], DIAGNOSTICS):
         for (variant, lr), window in windows.items():
             offsets = range(-before, len(window[metric]) - before)
-            axis.plot(offsets, window[metric], color=colours[variant],
+            axis.plot(offsets, window[metric], color=COLOURS[variant],
                       label=f"{variant} lr {lr:g} ({int(window['runs'][0])} runs)")
         axis.axvline(0, color="grey", linewidth=0.8)
-        axis.set_title(metric, fontsize=10)
-        axis.set_xlabel("RL steps from the crash")
+    _finish(figure, axes, DIAGNOSTICS, "RL steps from the crash", path)
+
+
+def _finish(figure, axes, titles, xlabel: str, path: Path) -> None:
+    """Title, label and grid each panel, legend the last, save and close."""
+    for axis, title in zip(axes[0], titles):
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel(xlabel)
         axis.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
     figure.tight_layout()
@@ -243,7 +249,6 @@ def plot_metric(curves: dict[tuple[str, float], list[dict[str, list[float]]]], m
     """Mean across seeds with a min–max band; one panel per learning rate, one colour per variant."""
     lrs = sorted({lr for _, lr in curves})
     figure, axes = plt.subplots(1, len(lrs), figsize=(5.5 * len(lrs), 4.2), squeeze=False, sharey=True)
-    colours = dict(zip(VARIANTS, plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]))
     for axis, lr in zip(axes[0], lrs):
         for (variant, run_lr), runs in curves.items():
             if run_lr != lr:
@@ -252,17 +257,11 @@ def plot_metric(curves: dict[tuple[str, float], list[dict[str, list[float]]]], m
             if not steps:
                 continue
             mean = [statistics.fmean(c) for c in columns]
-            axis.plot(steps, mean, label=variant, color=colours[variant], marker="o" if metric == "accuracy" else None,
+            axis.plot(steps, mean, label=variant, color=COLOURS[variant], marker="o" if metric == "accuracy" else None,
                       markersize=3)
-            axis.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=colours[variant],
+            axis.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=COLOURS[variant],
                               alpha=0.15)
-        axis.set_title(f"{metric} — lr {lr:g}", fontsize=10)
-        axis.set_xlabel("RL step")
-        axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish(figure, axes, [f"{metric} — lr {lr:g}" for lr in lrs], "RL step", path)
 
 
 def _aligned(runs: list[dict[str, list[float]]], metric: str) -> tuple[list[float], list[list[float]]]:
