@@ -134,9 +134,10 @@ class RLModule(L.LightningModule):
         fused = all(p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params)
         groups = [{"params": params}]  # group 0 is the one whose lr is logged
         if self.config.router_lr_scale != 1.0:  # the routers in a group of their own, at lr × router_lr_scale
-            routers = {id(p) for p in self.policy.router_weights}
-            groups = [{"params": [p for p in params if id(p) not in routers]},
-                      {"params": self.policy.router_weights, "lr": self.config.lr * self.config.router_lr_scale}]
+            routers = self.policy.router_weights
+            router_ids = {id(p) for p in routers}
+            groups = [{"params": [p for p in params if id(p) not in router_ids]},
+                      {"params": routers, "lr": self.config.lr * self.config.router_lr_scale}]
         optimizer = torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=self.config.weight_decay,
                                       fused=fused or None)
         warmup = max(self.config.warmup_steps, 1)
