@@ -195,6 +195,29 @@ def test_cache_and_no_cache_generation_agree_and_seeded_sampling_repeats():
     assert_close_in_ulps(runs[0].topk_logprobs, runs[2].topk_logprobs)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_sampling_without_recording_draws_the_same_tokens_with_one_forward_fewer(use_cache):
+    model = tiny_model(2)
+    prompt_ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
+    prompt_mask = prompt_ids != 0
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    rollouts = {}
+    for record in (True, False):
+        forwards.clear()
+        rollouts[record] = generate(model, prompt_ids, prompt_mask, max_new_tokens=6, stop_tokens=(2,),
+                                    banned_tokens=(0,), generator=torch.Generator().manual_seed(7),
+                                    use_cache=use_cache, record=record)
+        rollouts[record, "forwards"] = len(forwards)
+    hook.remove()
+    recorded, bare = rollouts[True], rollouts[False]
+    assert torch.equal(recorded.tokens, bare.tokens) and torch.equal(recorded.mask, bare.mask)
+    assert bare.logprobs is None and bare.topk_idx is None and bare.topk_logprobs is None
+    steps = recorded.tokens.shape[1]
+    # the prompt's forward, then one per sampled token; unrecorded, the last token is never fed back
+    assert (rollouts[True, "forwards"], rollouts[False, "forwards"]) == (1 + steps, steps)
+
+
 def test_rows_stop_at_their_stop_token_and_generation_ends_when_all_stopped():
     model = tiny_model(3)
     prompt_ids = torch.tensor([[0, 5, 6], [7, 8, 9]])

@@ -1,4 +1,4 @@
-"""Batched sampling from a ToyMoE with a KV cache, recording what an RL update needs from the rollout.
+"""Batched sampling from a ToyMoE with a KV cache, optionally recording what an RL update needs from the rollout.
 
 Notation: B batch, P prompt length (left-padded), N generated steps, V vocab, E experts, K top-k,
 L MoE layers.
@@ -8,6 +8,8 @@ Alignment with a full forward over `cat(prompt_ids, tokens)` with mask `cat(prom
     topk_idx / topk_logprobs  [:, :, n] are the routing OF token n, i.e. router_logits[:, :, P + n].
 So each generated token is fed through the model once more after it is sampled, the last one included,
 to record its own experts; per token only the K chosen experts and their router log-probs are kept.
+With `record=False` (what an RL loop that re-scores its rollouts wants) none of this is computed: no
+log-probs, no routing, and no forward after the last token.
 """
 
 from typing import NamedTuple, Sequence
@@ -16,15 +18,16 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from toy_moe.model import KVCache, ToyMoE
+from toy_moe.model import KVCache, ToyMoE, ToyMoEOutput
 
 
 class Rollout(NamedTuple):
     tokens: Tensor  # (B, N) sampled tokens; pad_id after a row stopped
-    logprobs: Tensor  # (B, N) float32 log-prob of each token (see token_logprobs); 0 where mask is False
+    logprobs: Tensor | None  # (B, N) float32 log-prob of each token (see token_logprobs); 0 where mask is False
     mask: Tensor  # (B, N) bool, True for generated tokens up to and including the stop token
-    topk_idx: Tensor  # (L, B, N, K) experts each token was routed to (pads keep their valid-id routing)
-    topk_logprobs: Tensor  # (L, B, N, K) float32 router log-softmax over all E at those experts; 0 where mask is False
+    topk_idx: Tensor | None  # (L, B, N, K) experts each token was routed to (pads keep their valid-id routing)
+    topk_logprobs: Tensor | None  # (L, B, N, K) float32 router log-softmax over all E at those experts; 0 where mask is False
+    # The last three are None when generate(..., record=False).
 
 
 def _masked_scores(logits: Tensor, temperature: float, banned_tokens: Sequence[int]) -> Tensor:
@@ -114,6 +117,7 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    record: bool = True,
 ) -> Rollout:
     """Sample up to `max_new_tokens` per row after LEFT-padded prompts (B, P); stop a row at its first stop
     token and return as soon as every row has stopped (so N <= max_new_tokens).
@@ -123,7 +127,9 @@ def generate(
     is the distribution an RL loss can recompute; with top_p < 1 the sampler's own distribution differs.
     Banned tokens (PAD, BOS, ...) are never sampled: a sampled PAD/BOS mid-answer is what made cached and
     full-forward log-probs disagree in the CPU prototype. `use_cache=False` recomputes the whole prefix each
-    step (for the benchmark and tests only).
+    step (for the benchmark and tests only). `record=False` returns tokens and mask only (the other fields
+    None) and skips the log-probs, the routing and the forward that would route the last token; the tokens
+    are the same as with `record=True` for the same generator state.
     """
     prompt_mask = _check_generate_args(
         model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, stop_tokens, banned_tokens, pad_id
@@ -141,36 +147,49 @@ def generate(
     out = model(prompt_ids, prompt_mask, kv_cache=kv_cache)
     alive = torch.ones(batch_size, dtype=torch.bool, device=prompt_ids.device)  # (B,)
     steps: list[tuple[Tensor, ...]] = []
-    for _ in range(max_new_tokens):
+    for n in range(max_new_tokens):
         next_logits = out.logits[:, -1]  # (B, V)
         token = _pick_tokens(next_logits, temperature, top_p, banned_tokens, generator)  # (B,)
         token = torch.where(alive, token, pad_id)  # (B,)
-        logprob = token_logprobs(next_logits, token, temperature=score_temperature, banned_tokens=banned_tokens)  # (B,)
-        # Feed the token back: this both routes the token itself and gives the next step's logits.
-        if use_cache:
-            out = model(token[:, None], alive[:, None], kv_cache=kv_cache)
-        else:
-            ids = torch.cat([ids, token[:, None]], dim=1)  # (B, P + n + 1)
-            mask = torch.cat([mask, alive[:, None]], dim=1)  # (B, P + n + 1)
-            out = model(ids, mask)
-        token_experts = out.topk_idx[:, :, -1]  # (L, B, K)
-        router_logprobs = out.router_logits[:, :, -1].log_softmax(dim=-1).gather(-1, token_experts)  # (L, B, K)
-        steps.append((
-            token,
-            torch.where(alive, logprob, 0.0),
-            alive,
-            token_experts,
-            torch.where(rearrange(alive, "b -> 1 b 1"), router_logprobs, 0.0),
-        ))
-        alive = alive & ~torch.isin(token, stop)
-        if not bool(alive.any()):
+        step = [token, alive]
+        if record:
+            logprob = token_logprobs(next_logits, token, temperature=score_temperature, banned_tokens=banned_tokens)  # (B,)
+            step.append(torch.where(alive, logprob, 0.0))
+        still_alive = alive & ~torch.isin(token, stop)  # (B,)
+        finished = n == max_new_tokens - 1 or not bool(still_alive.any())
+        if record or not finished:
+            # Feed the token back: this both routes the token itself and gives the next step's logits.
+            ids, mask, out = _feed(model, token, alive, kv_cache, ids, mask)
+        if record:
+            token_experts = out.topk_idx[:, :, -1]  # (L, B, K)
+            router_logprobs = out.router_logits[:, :, -1].log_softmax(dim=-1).gather(-1, token_experts)  # (L, B, K)
+            step += [token_experts, torch.where(rearrange(alive, "b -> 1 b 1"), router_logprobs, 0.0)]
+        steps.append(tuple(step))
+        alive = still_alive
+        if finished:
             break
 
-    tokens, logprobs, masks, experts, expert_logprobs = zip(*steps)
+    tokens, masks, *recorded = zip(*steps)
+    tokens = rearrange(list(tokens), "n b -> b n")  # (B, N)
+    masks = rearrange(list(masks), "n b -> b n")  # (B, N)
+    if not record:
+        return Rollout(tokens=tokens, logprobs=None, mask=masks, topk_idx=None, topk_logprobs=None)
+    logprobs, experts, expert_logprobs = recorded
     return Rollout(
-        tokens=rearrange(list(tokens), "n b -> b n"),  # (B, N)
+        tokens=tokens,
         logprobs=rearrange(list(logprobs), "n b -> b n"),  # (B, N)
-        mask=rearrange(list(masks), "n b -> b n"),  # (B, N)
+        mask=masks,
         topk_idx=rearrange(list(experts), "n l b k -> l b n k"),  # (L, B, N, K)
         topk_logprobs=rearrange(list(expert_logprobs), "n l b k -> l b n k"),  # (L, B, N, K)
     )
+
+
+def _feed(model: ToyMoE, token: Tensor, token_mask: Tensor, kv_cache: KVCache | None, ids: Tensor,
+          mask: Tensor) -> tuple[Tensor, Tensor, ToyMoEOutput]:
+    """Run the sampled tokens (B,) through the model, through the KV cache or (no cache) by recomputing the
+    whole prefix; returns the prefix so far (grown only on the no-cache path) and the model's output."""
+    if kv_cache is not None:
+        return ids, mask, model(token[:, None], token_mask[:, None], kv_cache=kv_cache)
+    ids = torch.cat([ids, token[:, None]], dim=1)  # (B, P + n + 1)
+    mask = torch.cat([mask, token_mask[:, None]], dim=1)  # (B, P + n + 1)
+    return ids, mask, model(ids, mask)

@@ -236,6 +236,7 @@ class WarmStart(L.LightningModule):
         rollout = generate(
             self.model, batch.prompt_ids, batch.prompt_mask, max_new_tokens=self.max_new_tokens, temperature=0.0,
             stop_tokens=(self.tokenizer.eos_id,), banned_tokens=self.banned_tokens, pad_id=self.tokenizer.pad_id,
+            record=False,
         )
         responses = [self.tokenizer.decode_response(row) for row in rollout.tokens]
         correct = torch.tensor([response == answer for response, answer in zip(responses, batch.answers)])  # (B,)

@@ -43,10 +43,10 @@ class ToyPolicy(Policy):
 
     def generate(self, prompt_ids, prompt_mask, *, max_new_tokens, temperature=1.0, top_p=1.0,
                  generator=None) -> Samples:
-        """toy_moe's cached sampler; it also records log-probs and routing, which the loop does not use."""
+        """toy_moe's cached sampler, without the log-probs and routing it can record: the loop re-scores."""
         rollout = generate(self.model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop_tokens=(self.tokenizer.eos_id,),
-                           banned_tokens=self.banned, pad_id=self.tokenizer.pad_id, generator=generator)
+                           banned_tokens=self.banned, pad_id=self.tokenizer.pad_id, generator=generator, record=False)
         return Samples(rollout.tokens, rollout.mask)
 
     def score(self, prompt_ids, prompt_mask, tokens, mask, *, routing=None, freeze_router=False,
