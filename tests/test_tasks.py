@@ -1,8 +1,10 @@
 """minirspo.tasks: the safe parser, the verifiers, seeded disjoint splits, and loud scoring errors."""
 import builtins
+import importlib.util
 import math
 import re
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,3 +216,16 @@ def test_make_task_and_bad_knobs():
 def test_impossible_knobs_are_an_error_not_a_hang():
     with pytest.raises(ValueError, match="widen the knobs"):
         CountdownTask(max_number=3, min_target=1000, max_target=2000).sample(1, seed=0)
+
+
+def test_digit_accuracy_splits_an_answer_into_its_leading_digits_and_its_units_digit():
+    spec = importlib.util.spec_from_file_location("digit_accuracy", Path(__file__).parents[1] / "benchmarks/digit_accuracy.py")
+    digit_accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digit_accuracy)
+    # right / magnitude only / units only / a digit short / single-digit sum, with the whitespace decode leaves
+    answers = ["113", "110 ", "123", "11", "7"]
+    targets = ["113", "113", "113", "113", "7"]
+    shares = digit_accuracy.digit_shares(answers, targets)
+    assert shares == {"exact": 2 / 5, "leading digits": 3 / 5, "units digit": 3 / 5}
+    with pytest.raises(ValueError):  # answers and targets of different lengths are a caller's bug
+        digit_accuracy.digit_shares(["1"], ["1", "2"])
