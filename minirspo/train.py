@@ -136,6 +136,8 @@ def run(config: RLConfig) -> Path:
 
     metrics_path, earlier_metrics = out / "metrics.csv", out / "metrics.before-resume.csv"
     if config.resume and metrics_path.is_file():
+        if earlier_metrics.is_file():  # a resumed run was killed before merging: keep its rows and the earlier
+            merge_metrics(earlier_metrics, metrics_path)
         metrics_path.replace(earlier_metrics)  # CSVLogger would delete it; merged back after fit
     latest = LatestMetrics()
     loggers = [CSVLogger(out, name="", version="", flush_logs_every_n_steps=1), latest]  # metrics.csv is live

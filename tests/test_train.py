@@ -271,6 +271,19 @@ def test_rspo_raises_the_reward(tmp_path):
     assert after > before + 0.025, (before, after)
 
 
+def test_a_resume_killed_before_it_merged_its_metrics_loses_no_row_on_the_next_resume(tiny_checkpoint, tmp_path):
+    common = ["--checkpoint-every", "1", "--seed", "3"]
+    main(tiny_args(tiny_checkpoint, tmp_path, *common, "--max-steps", "4"))
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    # what a resume from step 2, killed (SIGKILL) after logging steps 2 and 3, leaves: the rows it set aside
+    # and its own live metrics.csv
+    (tmp_path / "metrics.before-resume.csv").write_text("\n".join(rows[:3]) + "\n")
+    (tmp_path / "metrics.csv").write_text("\n".join(rows[:1] + rows[3:]) + "\n")
+    main(tiny_args(tiny_checkpoint, tmp_path, *common, "--max-steps", "6", "--resume"))
+    assert read_metrics(tmp_path / "metrics.csv")["step"] == [float(step) for step in range(6)]
+    assert not (tmp_path / "metrics.before-resume.csv").exists()
+
+
 def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_checkpoint, tmp_path):
     import signal
     import subprocess
