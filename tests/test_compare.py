@@ -50,7 +50,7 @@ def test_table_numbers_equal_what_the_csvs_hold(grid):
         metrics = read_metrics(out / "runs" / f"{row[0].strip()}-lr0.001-seed0" / "metrics.csv")
         accuracy = [v for v in metrics["accuracy"] if not math.isnan(v)]
         assert row[2].strip() == f"{accuracy[-1]:.3f} ± 0.000" and row[3].strip() == f"{min(accuracy):.3f} ± 0.000"
-        summary = run_summary(metrics, threshold=0.2)
+        summary = run_summary(metrics, gain=0.1)
         assert [cell.strip() for cell in row[5:]] == [
             f"{int(summary[key])}/1" for key in ("collapsed", "accuracy_collapsed", "crashed")]
 
@@ -80,19 +80,20 @@ def test_bad_run_flags_are_refused_before_any_run(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_collapse_and_threshold_are_read_off_the_smoothed_reward():
+def test_collapse_and_gain_are_read_off_the_smoothed_reward():
     steps = [float(s) for s in range(20)]
     rising = {"step": steps, "reward_mean": [s / 20 for s in range(20)], "accuracy": [0.1] * 19 + [0.7]}
-    summary = run_summary(rising, threshold=0.5)
-    # the 5-step trailing mean first reaches 0.5 at step 12: (8 + 9 + 10 + 11 + 12) / 5 / 20 = 0.5
-    assert summary == {"final_accuracy": 0.7, "lowest_accuracy": 0.1, "steps_to_threshold": 12.0, "collapsed": 0.0,
+    summary = run_summary(rising, gain=0.4)
+    # the start is the first 5 steps' mean, (0 + 1 + 2 + 3 + 4) / 5 / 20 = 0.1; the 5-step trailing mean first
+    # reaches 0.1 + 0.4 at step 12: (8 + 9 + 10 + 11 + 12) / 5 / 20 = 0.5
+    assert summary == {"final_accuracy": 0.7, "lowest_accuracy": 0.1, "steps_to_gain": 12.0, "collapsed": 0.0,
                        "accuracy_collapsed": 0.0, "crashed": 0.0}
     peak_then_zero = {"step": steps, "reward_mean": [0.8] * 10 + [0.0] * 10, "accuracy": [0.5] * 20}
-    assert run_summary(peak_then_zero, threshold=0.5)["collapsed"] == 1.0
+    assert run_summary(peak_then_zero, gain=0.4)["collapsed"] == 1.0
     # the format reward keeps a forgetful policy's reward near 0.1: only its accuracy shows the collapse
     forgot = {"step": steps, "reward_mean": [0.15] * 10 + [0.1] * 10, "accuracy": [0.3] * 10 + [0.0] * 10}
-    summary = run_summary(forgot, threshold=0.5)
-    assert math.isnan(summary["steps_to_threshold"])
+    summary = run_summary(forgot, gain=0.4)
+    assert math.isnan(summary["steps_to_gain"])
     assert (summary["collapsed"], summary["accuracy_collapsed"]) == (0.0, 1.0)
     assert smoothed([1.0, 3.0, 5.0], width=2) == [1.0, 2.0, 4.0]
 
@@ -106,8 +107,8 @@ def test_a_crash_is_the_first_evaluation_below_half_the_start_and_its_window_is_
                  "clip_frac": [s / 100 for s in range(12)], "gamma_mean": [1 - s / 100 for s in range(12)],
                  "gamma_floored_frac": [0.0] * 12, "routing_consistency": [0.9] * 12}
     assert crash_step(recovered) == 6.0
-    assert run_summary(recovered, threshold=0.5)["crashed"] == 1.0
-    assert run_summary(recovered, threshold=0.5)["accuracy_collapsed"] == 0.0  # it ended at 0.35
+    assert run_summary(recovered, gain=0.4)["crashed"] == 1.0
+    assert run_summary(recovered, gain=0.4)["accuracy_collapsed"] == 0.0  # it ended at 0.35
     steady = {**recovered, "accuracy": [0.4, nan, nan, 0.3, nan, nan, 0.21, nan, nan, 0.2, nan, nan]}
     assert crash_step(steady) is None
     # a second crashed run, 2 steps later: the window averages the two runs at equal offsets from their crash
