@@ -164,9 +164,10 @@ def run_summary(metrics: dict[str, list[float]], gain: float) -> dict[str, float
     mean of its first 5 steps; NaN if never), and whether the run collapsed: its smoothed reward ended below
     half of its peak. One sampled batch is too noisy to call a start, a peak or a collapse, hence the 5-step
     trailing mean. The gain is relative because the presets start anywhere from 0.15 to 0.35 mean reward."""
-    reward = smoothed(metrics["reward_mean"])
+    width = 5
+    reward = smoothed(metrics["reward_mean"], width)
     accuracy = [v for v in metrics["accuracy"] if not math.isnan(v)]
-    start = reward[min(4, len(reward) - 1)]
+    start = reward[min(width, len(reward)) - 1]  # the trailing mean there covers the first `width` steps
     reached = next((step for step, r in zip(metrics["step"], reward) if r >= start + gain), math.nan)
     # A well-formed wrong answer still earns 0.1, so a policy that forgot every sum keeps a reward near 0.1
     # and may never "halve" it; held-out accuracy (first evaluation = the warm start) shows that collapse.

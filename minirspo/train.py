@@ -128,9 +128,9 @@ def run(config: RLConfig) -> Path:
     title = f"{config.loss}{' + RS' if config.router_shift and config.loss != 'rspo' else ''} on {config.task}"
     done = (torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["global_step"]
             // config.updates_per_step if config.resume else 0)
-    updates = f"{config.updates_per_step} optimiser step" + ("s" if config.updates_per_step > 1 else "")
+    optimiser_steps = f"{config.updates_per_step} optimiser step" + ("s" if config.updates_per_step > 1 else "")
     console.print(f"[bold]RL:[/] {title}, steps {done + 1}..{config.max_steps} (each: {config.n_prompts} prompts × "
-                  f"{config.group_size} responses, {updates}) -> {out}")
+                  f"{config.group_size} responses, {optimiser_steps}) -> {out}")
     if config.aux_loss_coef == 0 and policy.is_moe:  # README "Scaling out": the run says so
         console.print("router load-balance loss is off during RL (--aux-loss-coef 0)")
 
