@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from minirspo.module import greedy_responses
 from minirspo.policy import load_policy
 from minirspo.tasks import make_task
 
@@ -34,12 +35,9 @@ def digit_shares(answers: list[str], targets: list[str]) -> dict[str, float]:
 def digit_accuracy(checkpoint: Path, n_problems: int, max_new_tokens: int = 8) -> dict[str, float]:
     """Shares of held-out problems whose greedy answer is right in full, in its leading digits, in its last."""
     problems = make_task("arithmetic").eval_set(n_problems)
-    policy = load_policy(f"toy:{checkpoint}")
-    policy.model.eval()
-    prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in problems])  # (B, P)
     with torch.no_grad():
-        rollout = policy.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=0.0)
-    return digit_shares(policy.decode_responses(rollout.tokens, rollout.mask), [str(p.target) for p in problems])
+        answers = greedy_responses(load_policy(f"toy:{checkpoint}"), problems, max_new_tokens)
+    return digit_shares(answers, [str(p.target) for p in problems])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -337,13 +337,18 @@ class RLModule(L.LightningModule):
 
 
 @torch.no_grad()
-def greedy_accuracy(policy: Policy, task: Task, problems: list[Problem], max_new_tokens: int) -> Tensor:
-    """Held-out greedy accuracy: the share of `problems` whose greedy answer earns the full reward."""
+def greedy_responses(policy: Policy, problems: list[Problem], max_new_tokens: int) -> list[str]:
+    """The policy's greedy answer to each problem, decoded (eval mode while sampling, train mode after)."""
     prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in problems])       # (B, P)
     policy.model.eval()
     rollout = policy.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=0.0)
     policy.model.train()
-    rewards = score(task, problems, policy.decode_responses(rollout.tokens, rollout.mask))  # (B,)
+    return policy.decode_responses(rollout.tokens, rollout.mask)
+
+
+def greedy_accuracy(policy: Policy, task: Task, problems: list[Problem], max_new_tokens: int) -> Tensor:
+    """Held-out greedy accuracy: the share of `problems` whose greedy answer earns the full reward."""
+    rewards = score(task, problems, greedy_responses(policy, problems, max_new_tokens))  # (B,)
     return (rewards == REWARD_CORRECT).float().mean()
 
 
