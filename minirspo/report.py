@@ -31,9 +31,10 @@ def read_metrics(path: Path | str) -> dict[str, list[float]]:
 def merge_metrics(earlier: Path | str, later: Path | str) -> None:
     """Prepend the rows of `earlier` that come before `later`'s first step, then delete `earlier`.
 
-    Lightning's CSVLogger starts metrics.csv afresh, so a resumed run keeps its earlier rows aside
-    (`earlier`) and merges them back here; rows past the checkpoint (logged before an interruption, then
-    redone) are dropped, so every step appears once. A resume with nothing left to train logs nothing."""
+    A resumed run sets its earlier rows aside (`earlier`) while Lightning's CSVLogger starts metrics.csv
+    afresh, and writes them back at once (train.keep_rows_before); this recovers them if it was killed in
+    between. Rows past the checkpoint (logged before an interruption, then redone) are dropped, so every step
+    appears once."""
     if not Path(later).is_file():
         Path(earlier).replace(later)
         return

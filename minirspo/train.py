@@ -27,6 +27,7 @@ The console shows the warm start (its own progress bar and one-line result), the
 Every run writes its resolved configuration to OUT/config.yaml; --config FILE runs it again, and flags
 after --config override the file. Bad input is refused in one line before anything starts.
 """
+import csv
 import signal
 import warnings
 from pathlib import Path
@@ -114,6 +115,32 @@ class StopOnInterrupt(Callback):
         signal.signal(signal.SIGINT, self.previous)
 
 
+def keep_rows_before(logger: CSVLogger, first_step: int) -> None:
+    """Start a resumed run's metrics.csv with the earlier rows of steps before `first_step`, so the live file
+    holds the whole run. CSVLogger deletes an existing metrics.csv when its writer starts: the rows are set
+    aside, the writer started, the rows written back (atomically) and the writer told their columns, so its
+    rows append under the same header. Rows at `first_step` and after were logged before an interruption and
+    are about to be redone, so they go. A set-aside file left by a resume killed mid-way is merged first."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    aside, fresh = path.with_name("metrics.before-resume.csv"), path.with_name("metrics.resumed.csv")
+    if aside.is_file():
+        merge_metrics(aside, path)
+    if not path.is_file():
+        return
+    path.replace(aside)
+    writer = logger.experiment  # a lightning _ExperimentWriter; starting it would have deleted metrics.csv
+    with open(aside, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if int(float(row["step"])) < first_step]
+    columns = sorted({key for row in rows for key in row})  # the writer keeps its columns sorted too
+    with open(fresh, "w", newline="") as handle:
+        csv_writer = csv.DictWriter(handle, fieldnames=columns)
+        csv_writer.writeheader()
+        csv_writer.writerows(rows)
+    fresh.replace(path)
+    writer.metrics_keys = columns
+    aside.unlink()
+
+
 def run(config: RLConfig) -> Path:
     """Check `config` (UsageError on bad input), train with it, and return the path of metrics.csv."""
     validate(config)
@@ -134,13 +161,11 @@ def run(config: RLConfig) -> Path:
     if config.aux_loss_coef == 0 and policy.is_moe:  # README "Scaling out": the run says so
         console.print("router load-balance loss is off during RL (--aux-loss-coef 0)")
 
-    metrics_path, earlier_metrics = out / "metrics.csv", out / "metrics.before-resume.csv"
-    if config.resume and metrics_path.is_file():
-        if earlier_metrics.is_file():  # a resumed run was killed before merging: keep its rows and the earlier
-            merge_metrics(earlier_metrics, metrics_path)
-        metrics_path.replace(earlier_metrics)  # CSVLogger would delete it; merged back after fit
     latest = LatestMetrics()
-    loggers = [CSVLogger(out, name="", version="", flush_logs_every_n_steps=1), latest]  # metrics.csv is live
+    csv_logger = CSVLogger(out, name="", version="", flush_logs_every_n_steps=1)  # metrics.csv is live
+    if config.resume and rank_zero_only.rank == 0:
+        keep_rows_before(csv_logger, done)
+    loggers = [csv_logger, latest]
     try:
         loggers.append(TensorBoardLogger(out, name="tensorboard", version=""))
     except ModuleNotFoundError:
@@ -160,9 +185,8 @@ def run(config: RLConfig) -> Path:
         # checkpoints are taken after a whole RL step, which is the state a resume needs
         warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
         trainer.fit(module, DataLoader(_Ticks(), batch_size=None), ckpt_path=checkpoint if config.resume else None)
+    metrics_path = out / "metrics.csv"
     if trainer.is_global_zero:
-        if earlier_metrics.is_file():
-            merge_metrics(earlier_metrics, metrics_path)
         metrics = read_metrics(metrics_path)
         plot_curves(metrics, out / "curves.png", title=title)
         console.print(summary_table(metrics, title=f"{title}: {out}"))

@@ -11,7 +11,7 @@ from minirspo.module import RLModule
 from minirspo.policy import ToyPolicy
 from minirspo.report import read_metrics
 from minirspo.tasks import score
-from minirspo.train import main
+from minirspo.train import keep_rows_before, main
 from minirspo.warmstart import warm_start
 from toy_moe.model import ToyMoE, ToyMoEConfig
 from toy_moe.pretrain import PretrainConfig, load_toy_checkpoint, save_toy_checkpoint
@@ -282,6 +282,22 @@ def test_a_resume_killed_before_it_merged_its_metrics_loses_no_row_on_the_next_r
     main(tiny_args(tiny_checkpoint, tmp_path, *common, "--max-steps", "6", "--resume"))
     assert read_metrics(tmp_path / "metrics.csv")["step"] == [float(step) for step in range(6)]
     assert not (tmp_path / "metrics.before-resume.csv").exists()
+
+
+def test_a_resumed_run_s_live_metrics_csv_starts_with_the_earlier_rows(tiny_checkpoint, tmp_path):
+    # What a user watching metrics.csv during a resumed run sees: the steps before the checkpoint, then the
+    # new ones as they come; Lightning's CSVLogger alone deletes the file when it starts.
+    from lightning.pytorch.loggers import CSVLogger
+    main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "3", "--eval-every", "2"))
+    before = read_metrics(tmp_path / "metrics.csv")
+    logger = CSVLogger(tmp_path, name="", version="", flush_logs_every_n_steps=1)
+    keep_rows_before(logger, 2)
+    assert read_metrics(tmp_path / "metrics.csv") == {name: values[:2] for name, values in before.items()}
+    logger.log_metrics({"loss": 0.5}, step=2)
+    logger.save()
+    after = read_metrics(tmp_path / "metrics.csv")
+    assert after["step"] == [0.0, 1.0, 2.0] and after["loss"] == before["loss"][:2] + [0.5]
+    assert after["accuracy"][0] == before["accuracy"][0] and math.isnan(after["accuracy"][2])
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_checkpoint, tmp_path):
