@@ -92,9 +92,10 @@ PRESETS = {
                    "--n-prompts", "64")),
     # The router-stress regime of docs/results/moe_stress.md: fine-grained experts (E 32, K 4, F 128: the active
     # width of E 8, K 2, F 256), a 30%-plus warm start, 16 off-policy-heavy updates per rollout (minibatches
-    # of 32, 2 epochs) and routers at 30× the lr. Frozen router and dense model learn here; GRPO crashes.
+    # of 32, 2 epochs) and routers at 30× the lr. Frozen router and dense model learn here; GRPO crashes. Four
+    # heads, as when its results were made (the default warm start has eight since).
     "moe-stress": Preset(tuple(VARIANTS), (2e-4,), (0, 1, 2),
-                         ("--pretrain.model.n-experts", "32", "--pretrain.model.top-k", "4",
+                         ("--pretrain.model.n-heads", "4", "--pretrain.model.n-experts", "32", "--pretrain.model.top-k", "4",
                           "--pretrain.model.expert-hidden", "128", "--pretrain.stop-at-accuracy", "0.3",
                           "--minibatch-size", "32", "--ppo-epochs", "2", "--max-steps", "60", "--eval-every", "5",
                           "--eval-size", "200", "--checkpoint-every", "20"),
