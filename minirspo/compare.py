@@ -95,8 +95,9 @@ PRESETS = {
     # of 32, 2 epochs) and routers at 30× the lr. Frozen router and dense model learn here; GRPO crashes. Four
     # heads, as when its results were made (the default warm start has eight since).
     "moe-stress": Preset(tuple(VARIANTS), (2e-4,), (0, 1, 2),
-                         ("--pretrain.model.n-heads", "4", "--pretrain.model.n-experts", "32", "--pretrain.model.top-k", "4",
-                          "--pretrain.model.expert-hidden", "128", "--pretrain.stop-at-accuracy", "0.3",
+                         ("--pretrain.model.n-heads", "4", "--pretrain.model.n-experts", "32",
+                          "--pretrain.model.top-k", "4", "--pretrain.model.expert-hidden", "128",
+                          "--pretrain.stop-at-accuracy", "0.3",
                           "--minibatch-size", "32", "--ppo-epochs", "2", "--max-steps", "60", "--eval-every", "5",
                           "--eval-size", "200", "--checkpoint-every", "20"),
                          router_args=("--router-lr-scale", "30")),
