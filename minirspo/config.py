@@ -178,7 +178,7 @@ class RLConfig(WarmStartSection, ScaleSection, RunSection, UpdateSection, Rollou
                TaskSection):  # fields in reverse order of the bases: task first
     # Pretraining stops at the first evaluation (every 10 steps) above 10% held-out greedy accuracy: a start
     # right on a few problems leaves RL something to learn. A fixed step count lands anywhere on a+b='s sharp
-    # transition (250 steps gave 6.6% on one CPU and 11-13% on another; 190-410 steps reach 10% by seed).
+    # transition (250 steps gave 6.6% on one CPU and 11-13% on another; 140-410 steps reach 10% by seed).
     # Eight attention heads, not toy_moe's four: with four, 2 of 6 seeds (seed 2 among them) learn the sum's
     # magnitude first and reach 10% by guessing its units digit, a start RL cannot leave; with eight, 1 of 6
     # (docs/default_run.md, "The initialisation decides").

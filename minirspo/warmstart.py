@@ -7,7 +7,7 @@ the warm start too (its examples and its initialisation), so seeds 0, 1, 2 are i
 
 The default run stops pretraining at the first evaluation whose held-out greedy accuracy exceeds
 `--pretrain.stop-at-accuracy` (docs/default_run.md): on `a+b=` accuracy jumps from ~10% to ~90% within ~100
-steps, at a step that varies with the seed (190 to 410 steps were measured), so a fixed step count gives
+steps, at a step that varies with the seed (140 to 410 steps were measured), so a fixed step count gives
 starts anywhere from 5% to 90%, and RL needs a start that is right on a few problems and wrong on most.
 """
 import dataclasses
