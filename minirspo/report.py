@@ -28,27 +28,34 @@ def read_metrics(path: Path | str) -> dict[str, list[float]]:
     return {column: [by_step[step].get(column, math.nan) for step in steps] for column in columns}
 
 
-def merge_metrics(earlier: Path | str, later: Path | str) -> None:
-    """Prepend the rows of `earlier` that come before `later`'s first step, then delete `earlier`.
+def read_rows(path: Path | str) -> list[dict[str, str]]:
+    """metrics.csv's rows as written, one dict of column -> text per row."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
-    A resumed run sets its earlier rows aside (`earlier`) while Lightning's CSVLogger starts metrics.csv
-    afresh, and writes them back at once (train.keep_rows_before); this recovers them if it was killed in
-    between. Rows past the checkpoint (logged before an interruption, then redone) are dropped, so every step
-    appears once."""
-    if not Path(later).is_file():
-        Path(earlier).replace(later)
-        return
-    with open(earlier, newline="") as handle:
-        earlier_rows = list(csv.DictReader(handle))
-    with open(later, newline="") as handle:
-        later_rows = list(csv.DictReader(handle))
-    first = min((int(row["step"]) for row in later_rows), default=None)
-    rows = [row for row in earlier_rows if first is None or int(row["step"]) < first] + later_rows
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(later, "w", newline="") as handle:
+
+def write_rows(path: Path | str, rows: list[dict[str, str]], columns: list[str]) -> None:
+    """Write `rows` under the header `columns` (a metrics.csv, or a copy of its rows)."""
+    with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def merge_metrics(earlier: Path | str, later: Path | str) -> None:
+    """Prepend the rows of `earlier` that come before `later`'s first step, then delete `earlier`.
+
+    A resumed run copies its earlier rows aside (`earlier`) before Lightning's CSVLogger deletes metrics.csv,
+    and moves them back at once (train.keep_rows_before); this recovers them if it was killed in between.
+    Rows past the checkpoint (logged before an interruption, then redone) are dropped, so every step appears
+    once."""
+    if not Path(later).is_file():
+        Path(earlier).replace(later)
+        return
+    later_rows = read_rows(later)
+    first = min((int(row["step"]) for row in later_rows), default=None)
+    rows = [row for row in read_rows(earlier) if first is None or int(row["step"]) < first] + later_rows
+    write_rows(later, rows, list(dict.fromkeys(key for row in rows for key in row)))
     Path(earlier).unlink()
 
 

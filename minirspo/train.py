@@ -27,7 +27,6 @@ The console shows the warm start (its own progress bar and one-line result), the
 Every run writes its resolved configuration to OUT/config.yaml; --config FILE runs it again, and flags
 after --config override the file. Bad input is refused in one line before anything starts.
 """
-import csv
 import signal
 import warnings
 from pathlib import Path
@@ -44,7 +43,7 @@ from minirspo.config import RLConfig, parse_config, validate
 from minirspo.distributed import build_strategy
 from minirspo.module import RLModule
 from minirspo.policy import load_policy
-from minirspo.report import merge_metrics, plot_curves, read_metrics, summary_table
+from minirspo.report import merge_metrics, plot_curves, read_metrics, read_rows, summary_table, write_rows
 from minirspo.warmstart import warm_start
 from toy_moe.entrypoint import StepProgressBar, UsageError, fail, quiet_console, write_config
 
@@ -117,28 +116,22 @@ class StopOnInterrupt(Callback):
 
 def keep_rows_before(logger: CSVLogger, first_step: int) -> None:
     """Start a resumed run's metrics.csv with the earlier rows of steps before `first_step`, so the live file
-    holds the whole run. CSVLogger deletes an existing metrics.csv when its writer starts: the rows are set
-    aside, the writer started, the rows written back (atomically) and the writer told their columns, so its
-    rows append under the same header. Rows at `first_step` and after were logged before an interruption and
-    are about to be redone, so they go. A set-aside file left by a resume killed mid-way is merged first."""
+    holds the whole run. Rows at `first_step` and after were logged before an interruption and are about to
+    be redone, so they go. Starting CSVLogger's writer deletes an existing metrics.csv, so the kept rows wait
+    in a copy while it starts, then move back, and the writer is told their columns so that its rows append
+    under the same header. A copy left by a resume killed in between is merged first."""
     path = Path(logger.log_dir) / "metrics.csv"
-    aside, fresh = path.with_name("metrics.before-resume.csv"), path.with_name("metrics.resumed.csv")
-    if aside.is_file():
-        merge_metrics(aside, path)
+    kept = path.with_name("metrics.before-resume.csv")
+    if kept.is_file():
+        merge_metrics(kept, path)
     if not path.is_file():
         return
-    path.replace(aside)
-    writer = logger.experiment  # a lightning _ExperimentWriter; starting it would have deleted metrics.csv
-    with open(aside, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if int(float(row["step"])) < first_step]
+    rows = [row for row in read_rows(path) if int(row["step"]) < first_step]
     columns = sorted({key for row in rows for key in row})  # the writer keeps its columns sorted too
-    with open(fresh, "w", newline="") as handle:
-        csv_writer = csv.DictWriter(handle, fieldnames=columns)
-        csv_writer.writeheader()
-        csv_writer.writerows(rows)
-    fresh.replace(path)
+    write_rows(kept, rows, columns)
+    writer = logger.experiment  # a lightning _ExperimentWriter: starting it deletes metrics.csv
+    kept.replace(path)
     writer.metrics_keys = columns
-    aside.unlink()
 
 
 def run(config: RLConfig) -> Path:
