@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="a toy MoE checkpoint (model.pt) trained on a+b=")
     parser.add_argument("--rounds", type=int, default=40, help="rollouts timed each way (default 40)")
     args = parser.parse_args(argv)
-    if not args.model.is_file() or args.rounds < 2:
-        sys.exit(f"error: checkpoint not found: {args.model}" if not args.model.is_file() else "error: --rounds must be >= 2")
+    if not args.model.is_file():
+        sys.exit(f"error: checkpoint not found: {args.model}")
+    if args.rounds < 2:
+        sys.exit("error: --rounds must be >= 2")
     model, tokenizer = load_toy_checkpoint(args.model)
     policy = ToyPolicy(model, tokenizer)
     problems = [p for p in make_task("arithmetic").sample(32, seed=1) for _ in range(8)]
