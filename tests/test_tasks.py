@@ -1,10 +1,8 @@
 """minirspo.tasks: the safe parser, the verifiers, seeded disjoint splits, and loud scoring errors."""
 import builtins
-import importlib.util
 import math
 import re
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import torch
@@ -218,10 +216,7 @@ def test_impossible_knobs_are_an_error_not_a_hang():
         CountdownTask(max_number=3, min_target=1000, max_target=2000).sample(1, seed=0)
 
 
-def test_digit_accuracy_splits_an_answer_into_its_leading_digits_and_its_units_digit():
-    spec = importlib.util.spec_from_file_location("digit_accuracy", Path(__file__).parents[1] / "benchmarks/digit_accuracy.py")
-    digit_accuracy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(digit_accuracy)
+def test_digit_accuracy_splits_an_answer_into_its_leading_digits_and_its_units_digit(digit_accuracy):
     # right / magnitude only / units only / a digit short / single-digit sum, with the whitespace decode leaves
     answers = ["113", "110 ", "123", "11", "7"]
     targets = ["113", "113", "113", "113", "7"]

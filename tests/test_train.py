@@ -8,7 +8,7 @@ import torch
 
 from minirspo.config import RLConfig
 from minirspo.module import RLModule
-from minirspo.policy import ToyPolicy
+from minirspo.policy import ToyPolicy, load_policy
 from minirspo.report import read_metrics
 from minirspo.tasks import score
 from minirspo.train import keep_rows_before, main
@@ -61,6 +61,21 @@ def test_frozen_router_does_not_move_while_the_rest_does(tiny_checkpoint, tmp_pa
     for name in routers:
         assert torch.equal(frozen[f"model.{name}"], initial[name]), f"{name} moved with --freeze-router"
     assert not torch.equal(frozen["model.embed.weight"], initial["embed.weight"])
+
+
+def test_digit_accuracy_reads_an_rl_checkpoint_into_the_warm_start_it_began_from(tiny_checkpoint, tmp_path,
+                                                                                 digit_accuracy, capsys):
+    # --aux-loss-coef 1: a random-init model earns no reward, so the load-balance loss moves the weights
+    main(tiny_args(tiny_checkpoint, tmp_path, "--loss", "grpo", "--aux-loss-coef", "1"))
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    trained = torch.load(checkpoint, weights_only=False)["state_dict"]
+    policy = digit_accuracy.load_checkpoint(checkpoint, tiny_checkpoint)
+    for name, value in policy.model.state_dict().items():
+        assert torch.equal(value, trained[f"model.{name}"]), name
+    assert not torch.equal(policy.model.embed.weight, load_policy(f"toy:{tiny_checkpoint}").model.embed.weight)
+    with pytest.raises(SystemExit) as error:  # without its warm start, an RL checkpoint has no architecture
+        digit_accuracy.main([str(checkpoint)])
+    assert "needs --base" in str(error.value)
 
 
 def test_router_lr_scale_scales_the_router_step_and_nothing_else(tiny_checkpoint):
