@@ -167,10 +167,11 @@ def run_summary(metrics: dict[str, list[float]], gain: float) -> dict[str, float
     half of its peak. One sampled batch is too noisy to call a start, a peak or a collapse, hence the 5-step
     trailing mean. The gain is relative because the presets start anywhere from 0.15 to 0.35 mean reward."""
     width = 5
-    reward = smoothed(metrics["reward_mean"], width)
+    steps, reward = zip(*[(s, r) for s, r in zip(metrics["step"], metrics["reward_mean"]) if not math.isnan(r)])
+    reward = smoothed(list(reward), width)  # (the final policy's evaluation row has no reward)
     accuracy = [v for v in metrics["accuracy"] if not math.isnan(v)]
     start = reward[min(width, len(reward)) - 1]  # the trailing mean there covers the first `width` steps
-    reached = next((step for step, r in zip(metrics["step"], reward) if r >= start + gain), math.nan)
+    reached = next((step for step, r in zip(steps, reward) if r >= start + gain), math.nan)
     # A well-formed wrong answer still earns 0.1, so a policy that forgot every sum keeps a reward near 0.1
     # and may never "halve" it; held-out accuracy (first evaluation = the warm start) shows that collapse.
     return {"final_accuracy": accuracy[-1], "lowest_accuracy": min(accuracy), "steps_to_gain": reached,

@@ -124,7 +124,7 @@ class RunSection:
     max_steps: int = 300
     """RL steps (one rollout and its minibatch updates each); 300 fit the default run in 10 minutes on 2 CPU cores"""
     eval_every: int = 25
-    """held-out greedy accuracy every this many RL steps and at the last (0: at the last only); timed apart"""
+    """held-out greedy accuracy before every this many RL steps and of the final policy (0: the final only; timed apart)"""
     eval_size: int = 1000
     """held-out problems per evaluation; 1000 because at a 10% start the standard error is 0.009 (0.021, a fifth
     of the start, on 200), small enough to read a 3× gain off (docs/default_run.md, "How many held-out problems")"""

@@ -30,7 +30,9 @@ vLLM differs far more. verl re-scores for the same reason. Only (L, B, N, K) of 
 Router diagnostics (γ statistics and routing consistency) are measured for every loss by default, so runs
 compare on one footing; `--no-router-diagnostics` skips them where the loss does not use γ (RS losses
 and --gamma-min auto always compute it), which is what "RSPO vs GMPO step time" must compare. Each row's
-`seconds` is the RL step alone; held-out evaluation is timed apart (`eval_seconds`).
+`seconds` is the RL step alone; held-out evaluation is timed apart (`eval_seconds`). The accuracy in the
+row of step s is the policy's after s RL steps (measured before step s); the final policy, after the last
+step's updates, gets a row of its own at step max_steps.
 
 Distributed: prompts are split across ranks by whole groups, so advantages never need another rank;
 each rank's loss is a mean over its B sequences and DDP/FSDP average gradients, which equals the
@@ -148,11 +150,9 @@ class RLModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         cfg = self.config
         step = self.global_step // cfg.updates_per_step
-        row, eval_seconds = {}, 0.0
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps - 1:
-            evaluating = time.perf_counter()
-            row["accuracy"] = self.evaluate()
-            eval_seconds = time.perf_counter() - evaluating
+        row, eval_seconds = {}, 0.0  # row: this step's metrics; "accuracy" is the policy's before the step
+        if cfg.eval_every and step % cfg.eval_every == 0:  # the policy after `step` RL steps
+            row["accuracy"], eval_seconds = self.timed_evaluation()
         started = time.perf_counter()
         minibatches, rollout_stats = self.collect_rollouts(step)
         # the old policy of every minibatch, scored before any update; the first one's comes from its own
@@ -168,14 +168,27 @@ class RLModule(L.LightningModule):
         for name in updates[0]:
             row[name] = torch.stack([u[name] for u in updates]).mean()
         row |= rollout_stats
-        row = {name: float(self.trainer.strategy.reduce(torch.as_tensor(value, device=self.device).float(),
-                                                        reduce_op="mean")) for name, value in row.items()}
+        row = self.mean_over_ranks(row)
         row["seconds"] = time.perf_counter() - started
         if "accuracy" in row:
             row["eval_seconds"] = eval_seconds
         for logger in self.loggers:
             logger.log_metrics(row, step=step)
         self.log_dict({"reward": row["reward_mean"], "γ": row.get("gamma_mean", 1.0)}, prog_bar=True, logger=False)
+        if step == cfg.max_steps - 1:  # the final policy, after the last step's updates: a row of its own
+            accuracy, eval_seconds = self.timed_evaluation()
+            for logger in self.loggers:
+                logger.log_metrics(self.mean_over_ranks({"accuracy": accuracy}) | {"eval_seconds": eval_seconds},
+                                   step=cfg.max_steps)
+
+    def mean_over_ranks(self, row: dict[str, Tensor | float]) -> dict[str, float]:
+        return {name: float(self.trainer.strategy.reduce(torch.as_tensor(value, device=self.device).float(),
+                                                         reduce_op="mean")) for name, value in row.items()}
+
+    def timed_evaluation(self) -> tuple[Tensor, float]:
+        """Held-out accuracy and the seconds it took (logged as eval_seconds, apart from the step's own)."""
+        started = time.perf_counter()
+        return self.evaluate(), time.perf_counter() - started
 
     def collect_rollouts(self, step: int) -> tuple[list[Minibatch], dict[str, Tensor]]:
         """This step's minibatches of G responses to each of this rank's prompts, and the rollout stats.

@@ -4,7 +4,8 @@ With no arguments it warm-starts the toy MoE on the arithmetic task (a supervise
 cached under --warmstart-dir), then runs RSPO on it for --max-steps RL steps, all on the CPU in about
 10 minutes, and ends with a summary table. Everything goes to --out:
     config.yaml      the resolved configuration (--config FILE reruns it)
-    metrics.csv      one row per RL step (accuracy on evaluation steps), also TensorBoard when installed
+    metrics.csv      one row per RL step (accuracy, before the step, on evaluation steps) and a last row, step
+                     --max-steps, with the final policy's accuracy; also TensorBoard when installed
     curves.png       reward, accuracy, entropy, γ, routing consistency and clip fraction against step
     checkpoints/     last.ckpt (every --checkpoint-every steps and on Ctrl-C) for --resume
 
@@ -156,8 +157,8 @@ def run(config: RLConfig) -> Path:
 
     latest = LatestMetrics()
     csv_logger = CSVLogger(out, name="", version="", flush_logs_every_n_steps=1)  # metrics.csv is live
-    if config.resume and rank_zero_only.rank == 0:
-        keep_rows_before(csv_logger, done)
+    if config.resume and rank_zero_only.rank == 0:  # a run with nothing left to train keeps its final row too
+        keep_rows_before(csv_logger, done if done < config.max_steps else done + 1)
     loggers = [csv_logger, latest]
     try:
         loggers.append(TensorBoardLogger(out, name="tensorboard", version=""))

@@ -32,7 +32,7 @@ def test_grid_writes_every_run_figure_and_table(grid):
     assert runs == ["grpo-lr0.001-seed0", "rspo-lr0.001-seed0"]
     for run in runs:
         assert (out / "runs" / run / "done.json").is_file()
-        assert read_metrics(out / "runs" / run / "metrics.csv")["step"] == [0.0, 1.0, 2.0]
+        assert read_metrics(out / "runs" / run / "metrics.csv")["step"] == [0.0, 1.0, 2.0, 3.0]
         # each run writes its resolved config as `python -m minirspo.train` does, and it reruns the run
         config = parse_config(["--config", str(out / "runs" / run / "config.yaml")])
         assert (config.loss, config.lr, config.seed, config.max_steps, config.out) == (

@@ -84,7 +84,8 @@ def train_one_step(checkpoint: Path, out: Path, strategy: str, devices: int) -> 
 
 def read_results(out: Path) -> tuple[dict, dict]:
     with open(out / "metrics.csv") as file:
-        (metrics,) = list(csv.DictReader(file))
+        (metrics, final) = list(csv.DictReader(file))  # the step, then the final policy's evaluation
+    assert (metrics["step"], final["step"]) == ("0", "1") and final["accuracy"]
     return {name: float(value) for name, value in metrics.items() if value}, torch.load(out / "params.pt")
 
 

@@ -43,9 +43,10 @@ def test_every_loss_runs_and_logs_finite_metrics(tiny_checkpoint, tmp_path, extr
     main(tiny_args(tiny_checkpoint, tmp_path, *extra))
     metrics = read_metrics(tmp_path / "metrics.csv")
     assert REQUIRED_COLUMNS <= set(metrics)
-    assert metrics["step"] == [0.0, 1.0]
+    assert metrics["step"] == [0.0, 1.0, 2.0]  # two RL steps, then the final policy's evaluation
     for name in REQUIRED_COLUMNS:
-        assert all(math.isfinite(v) for v in metrics[name]), name
+        assert all(math.isfinite(v) for v in metrics[name][:2]), name
+    assert math.isfinite(metrics["accuracy"][2]) and math.isnan(metrics["loss"][2])
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
@@ -61,6 +62,22 @@ def test_frozen_router_does_not_move_while_the_rest_does(tiny_checkpoint, tmp_pa
     for name in routers:
         assert torch.equal(frozen[f"model.{name}"], initial[name]), f"{name} moved with --freeze-router"
     assert not torch.equal(frozen["model.embed.weight"], initial["embed.weight"])
+
+
+def test_the_last_row_evaluates_the_final_policy(tiny_checkpoint, tmp_path, monkeypatch):
+    # A random-init model answers nothing right, so its accuracy cannot tell two policies apart; a fingerprint
+    # of the weights stands in for the evaluation. The last row must carry the weights the run ends with
+    # (last.ckpt, after the last step's updates); the row of the last step, those from before its updates.
+    fingerprint = lambda model: sum(p.detach().double().square().sum() for p in model.parameters())  # noqa: E731
+    monkeypatch.setattr(RLModule, "evaluate", lambda self: fingerprint(self.model))
+    main(tiny_args(tiny_checkpoint, tmp_path, "--aux-loss-coef", "1"))  # the load-balance loss moves the weights
+    accuracy = read_metrics(tmp_path / "metrics.csv")["accuracy"]                    # steps 0, 1 and the final 2
+    final, _ = load_toy_checkpoint(tiny_checkpoint)
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    final.load_state_dict({key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")})
+    # both sides are the same float64 sum rounded to float32 (the logged metrics are float32), so equal exactly
+    assert accuracy[2] == float(torch.as_tensor(fingerprint(final)).float())
+    assert accuracy[1] != accuracy[2]
 
 
 def test_digit_accuracy_reads_an_rl_checkpoint_into_the_warm_start_it_began_from(tiny_checkpoint, tmp_path,
@@ -113,7 +130,7 @@ def test_the_dense_toy_trains_with_router_free_losses_and_refuses_router_flags(t
     dense = save_toy_checkpoint(ToyMoE(dataclasses.replace(TINY, moe_layers=())), None, tmp_path / "dense.pt")
     main(tiny_args(dense, tmp_path / "grpo", "--loss", "grpo"))
     metrics = read_metrics(tmp_path / "grpo" / "metrics.csv")
-    assert metrics["step"] == [0.0, 1.0] and all(math.isfinite(v) for v in metrics["loss"])
+    assert metrics["step"] == [0.0, 1.0, 2.0] and all(math.isfinite(v) for v in metrics["loss"][:2])
     assert "gamma_mean" not in metrics and "routing_consistency" not in metrics
     with pytest.raises(SystemExit) as exit_info:
         main(tiny_args(dense, tmp_path / "refused", *flags))
@@ -133,7 +150,7 @@ def test_resume_is_bit_exact(tiny_checkpoint, tmp_path):
     main(tiny_args(tiny_checkpoint, tmp_path / "resumed", *common, "--max-steps", "4", "--resume"))
     straight = read_metrics(tmp_path / "straight" / "metrics.csv")
     resumed = read_metrics(tmp_path / "resumed" / "metrics.csv")
-    assert straight["step"] == resumed["step"] == [0.0, 1.0, 2.0, 3.0]
+    assert straight["step"] == resumed["step"] == [0.0, 1.0, 2.0, 3.0, 4.0]
     for name in set(straight) - {"seconds", "eval_seconds"}:  # wall-clock times are not state
         assert straight[name] == pytest.approx(resumed[name], abs=0, rel=0, nan_ok=True), name
     final = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)
@@ -218,9 +235,9 @@ def test_the_first_minibatch_is_its_own_old_policy(tiny_checkpoint, tmp_path, mo
 def test_eval_every_0_evaluates_at_the_end_only_and_times_evaluation_apart(tiny_checkpoint, tmp_path):
     main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "3", "--eval-every", "0"))
     metrics = read_metrics(tmp_path / "metrics.csv")
-    assert [math.isnan(v) for v in metrics["accuracy"]] == [True, True, False]  # the final number is kept
-    assert [math.isnan(v) for v in metrics["eval_seconds"]] == [True, True, False]
-    assert metrics["eval_seconds"][-1] > 0 and all(v > 0 for v in metrics["seconds"])
+    assert [math.isnan(v) for v in metrics["accuracy"]] == [True, True, True, False]  # the final number is kept
+    assert [math.isnan(v) for v in metrics["eval_seconds"]] == [True, True, True, False]
+    assert metrics["eval_seconds"][-1] > 0 and all(v > 0 for v in metrics["seconds"][:3])
 
 
 @pytest.mark.parametrize("loss,diagnostics", [("grpo", False), ("rspo", True)])
@@ -295,7 +312,7 @@ def test_a_resume_killed_before_it_merged_its_metrics_loses_no_row_on_the_next_r
     (tmp_path / "metrics.before-resume.csv").write_text("\n".join(rows[:3]) + "\n")
     (tmp_path / "metrics.csv").write_text("\n".join(rows[:1] + rows[3:]) + "\n")
     main(tiny_args(tiny_checkpoint, tmp_path, *common, "--max-steps", "6", "--resume"))
-    assert read_metrics(tmp_path / "metrics.csv")["step"] == [float(step) for step in range(6)]
+    assert read_metrics(tmp_path / "metrics.csv")["step"] == [float(step) for step in range(7)]
     assert not (tmp_path / "metrics.before-resume.csv").exists()
 
 
@@ -338,7 +355,8 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_checkpoint, tmp_path):
     # optimiser steps per RL step), and the run stopped long before its 200 steps
     assert stopped_at % 2 == 0 and 2 <= stopped_at < 2 * 200
     main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", str(stopped_at // 2 + 1), "--resume"))
-    assert read_metrics(metrics)["step"] == [float(s) for s in range(stopped_at // 2 + 1)]
+    # the interrupted run has no final row (it stopped early); the resumed one ends with its own
+    assert read_metrics(metrics)["step"] == [float(s) for s in range(stopped_at // 2 + 2)]
 
 
 def test_the_command_line_defaults_are_the_config_defaults():
@@ -366,7 +384,7 @@ def test_the_run_writes_its_config_and_config_reruns_it_with_overrides(tiny_chec
     expected = dataclasses.replace(written, out=str(second), router_shift=False)
     assert parse_config(["--config", str(second / "config.yaml")]) == expected
     assert yaml.safe_load((second / "config.yaml").read_text())["router_shift"] is False
-    assert read_metrics(second / "metrics.csv")["step"] == [0.0]
+    assert read_metrics(second / "metrics.csv")["step"] == [0.0, 1.0]
 
 
 def test_a_config_with_every_kind_of_value_round_trips(tmp_path):
