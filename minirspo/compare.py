@@ -279,12 +279,15 @@ def _aligned(runs: list[dict[str, list[float]]], metric: str) -> tuple[list[floa
     return steps, [[values[s] for values in per_run] for s in steps]
 
 
-def write_results(runs: list[Run], out: Path, gain: float) -> str:
+def write_results(runs: list[Run], out: Path, gain: float, key: tuple[str, ...] = ()) -> str:
+    """results.md and the figures; with `key`, also accuracy_key.png: held-out accuracy of those variants only."""
     curves: dict[tuple[str, float], list[dict[str, list[float]]]] = {}
     for run in runs:
         curves.setdefault((run.variant, run.lr), []).append(read_metrics(out / "runs" / run.name / "metrics.csv"))
     for metric in METRICS:
         plot_metric(curves, metric, out / f"{metric}.png")
+    if key:
+        plot_metric({k: v for k, v in curves.items() if k[0] in key}, "accuracy", out / "accuracy_key.png")
     summaries = {key: [run_summary(m, gain) for m in metrics] for key, metrics in curves.items()}
     table = results_table(summaries, gain)
     windows = crash_window(curves, before=CRASH_WINDOW, after=CRASH_WINDOW)
@@ -329,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="'steps to reward ≥ start + gain': the first step whose 5-step mean reward is this much "
                              "above the mean of the run's first 5 steps (default 0.1)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="results folder (runs/compare)")
+    parser.add_argument("--key", nargs="+", choices=list(VARIANTS), default=(),
+                        help="also plot these variants' held-out accuracy alone, to accuracy_key.png (twelve "
+                             "variants in one panel are hard to read)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: figures and table from the runs of the grid that already finished")
     args = parser.parse_args(ours)
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         for config in {warm_start_dir(config): config for config in configs if not config.model}.values():
             warm_start(config)
         launched = run_grid(runs, args.out, args_of, args.jobs)
-    table = write_results(runs, args.out, args.reward_gain)
+    table = write_results(runs, args.out, args.reward_gain, tuple(args.key))
     Console().print(table)
     Console().print(f"{len(launched)} runs trained in {time.perf_counter() - started:.0f} s; "
                     f"{len(runs) - len(launched)} were already done. Results in {args.out}")

@@ -72,6 +72,17 @@ def test_report_only_uses_the_finished_runs_and_trains_nothing(grid, capsys):
         main(["--report-only", "--preset", "smoke", "--out", str(out / "empty")])
 
 
+def test_key_plots_only_the_named_variants(grid, monkeypatch):
+    out, argv = grid
+    plotted = {}
+    monkeypatch.setattr("minirspo.compare.plot_metric",
+                        lambda curves, metric, path: plotted.__setitem__(path.name, sorted(curves)))
+    main(["--report-only", *argv[:argv.index("--")]])
+    assert "accuracy_key.png" not in plotted and plotted["accuracy.png"] == [("grpo", 1e-3), ("rspo", 1e-3)]
+    main(["--report-only", "--key", "rspo", *argv[:argv.index("--")]])
+    assert plotted["accuracy_key.png"] == [("rspo", 1e-3)]
+
+
 def test_bad_run_flags_are_refused_before_any_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--preset", "smoke", "--out", str(tmp_path / "out"), "--", "--n-prompts", "0"])
