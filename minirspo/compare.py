@@ -20,7 +20,7 @@ drift or clipping comes first. Every run writes its resolved configuration to `r
 Examples:
     python -m minirspo.compare                          # the CPU grid, about 80 minutes on 2 cores
     python -m minirspo.compare --preset gpu             # sized for one GPU, about 10 minutes
-    python -m minirspo.compare --preset moe-stress      # where the router crashes GRPO: 36 runs, ~1.5 h on 2 cores
+    python -m minirspo.compare --preset moe-stress      # where the router crashes GRPO: 36 runs, ~1 h on 2 cores
     python -m minirspo.compare --preset smoke --out /tmp/grid      # two short runs, to try it out
     python -m minirspo.compare --variants rspo grpo --lrs 1e-4 2e-4 --seeds 0 1 2
     python -m minirspo.compare -- --task countdown      # arguments after -- go to every run
