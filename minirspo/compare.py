@@ -8,7 +8,8 @@ thread each. A run that finished is skipped when the grid is started again; one 
 resumes from its last checkpoint.
 
 Writes to --out: `runs/NAME/` (each run's metrics.csv, curves.png, checkpoints), one figure per metric
-(`reward_mean.png`, `accuracy.png`, ...: mean across seeds with a min–max band, one panel per lr) and
+(`reward_mean.png`, `accuracy.png`, ...: mean across seeds with a min–max band, one panel per lr; with --key,
+`accuracy_key.png` of the named variants alone) and
 `results.md` (final and lowest held-out accuracy mean ± std, steps to a reward gain over the start, collapse counts:
 runs whose smoothed reward, or whose held-out accuracy, ended below half of its peak; crash counts: runs
 with an evaluation below half the warm start's accuracy, recovered or not). Around each crash the paper's
@@ -279,15 +280,16 @@ def _aligned(runs: list[dict[str, list[float]]], metric: str) -> tuple[list[floa
     return steps, [[values[s] for values in per_run] for s in steps]
 
 
-def write_results(runs: list[Run], out: Path, gain: float, key: tuple[str, ...] = ()) -> str:
-    """results.md and the figures; with `key`, also accuracy_key.png: held-out accuracy of those variants only."""
+def write_results(runs: list[Run], out: Path, gain: float, key_variants: tuple[str, ...] = ()) -> str:
+    """results.md and the figures; with `key_variants`, also accuracy_key.png: those variants' held-out accuracy."""
     curves: dict[tuple[str, float], list[dict[str, list[float]]]] = {}
     for run in runs:
         curves.setdefault((run.variant, run.lr), []).append(read_metrics(out / "runs" / run.name / "metrics.csv"))
     for metric in METRICS:
         plot_metric(curves, metric, out / f"{metric}.png")
-    if key:
-        plot_metric({k: v for k, v in curves.items() if k[0] in key}, "accuracy", out / "accuracy_key.png")
+    if key_variants:
+        plot_metric({(variant, lr): metrics for (variant, lr), metrics in curves.items() if variant in key_variants},
+                    "accuracy", out / "accuracy_key.png")
     summaries = {key: [run_summary(m, gain) for m in metrics] for key, metrics in curves.items()}
     table = results_table(summaries, gain)
     windows = crash_window(curves, before=CRASH_WINDOW, after=CRASH_WINDOW)
