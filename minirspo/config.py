@@ -157,7 +157,7 @@ class ScaleSection:
     activation_checkpointing: bool = False
     """recompute each decoder layer in backward: memory for about 1/3 more compute"""
     rollout_engine: RolloutEngine = "hf"
-    """hf: the model's own generate with a KV cache; vllm is reserved"""
+    """hf: a KV-cache decode loop over the model itself (HFPolicy.generate); vllm is reserved"""
     logprob_chunk_tokens: int = 4096
     """LM-head tokens per log-prob chunk: float32 logits peak at chunk × V × 4 bytes (4096 × 32k: 0.5 GB)"""
 

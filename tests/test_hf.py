@@ -231,6 +231,50 @@ def test_generate_samples_what_the_training_forward_scores(checkpoints, family):
     assert torch.equal(allowed.argmax(-1)[clear], greedy.tokens[clear])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_decode_loop_picks_what_hf_generate_picks(checkpoints, family):
+    # Our decode loop against the library's: HF `generate` (greedy, banned tokens suppressed, its own cache and
+    # per-row prefill) must choose the same tokens wherever its top two are not within float noise.
+    policy = load_policy(f"hf:{checkpoints[family]}")
+    rows = torch.tensor([0, 1, 2, 0, 2, 1])
+    prompt_ids, prompt_mask = (t[rows] for t in batch(policy)[:2])
+    ours = policy.generate(prompt_ids, prompt_mask, max_new_tokens=8, temperature=0.0)
+    theirs = policy.model.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=False,
+                                      max_new_tokens=8, suppress_tokens=list(policy.banned), eos_token_id=policy.stop_ids,
+                                      pad_token_id=policy.pad_id, output_scores=True, return_dict_in_generate=True)
+    steps = min(ours.tokens.shape[1], len(theirs.scores))                             # both end when all rows stop
+    scores = torch.stack(theirs.scores[:steps], dim=1).float()                        # (B, N, V) banned at -inf
+    top = scores.log_softmax(-1).topk(2, dim=-1).values                                # (B, N, 2)
+    # A position counts once it and every earlier one were clear (after a near-tie the two prefixes may differ).
+    # (1e-4 in log-prob is ~1000 ulps of log-probs of order 1, as in the test above)
+    clear = (top[..., 0] - top[..., 1] > 1e-4).cumprod(dim=1).bool() & ours.mask[:, :steps]
+    assert clear.sum() >= 0.9 * ours.mask.sum()
+    assert torch.equal(ours.tokens[:, :steps][clear], theirs.sequences[:, prompt_ids.shape[1]:][:, :steps][clear])
+
+
+def test_the_growing_cache_holds_what_a_dynamic_cache_holds_without_copying_it():
+    from transformers import DynamicCache
+
+    from minirspo.policy.kv_cache import GrowingCache
+    generator = torch.Generator().manual_seed(0)
+    growing, dynamic = GrowingCache(), DynamicCache()
+    storages = set()
+    # a prefill of 5 positions, a gather to other rows (as after a shared prefill), then single-position steps
+    for step, length in enumerate([5, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]):
+        if step == 1:
+            for cache in (growing, dynamic):
+                cache.batch_select_indices(torch.tensor([0, 0, 1, 2, 1]))
+        rows = 3 if step == 0 else 5
+        for layer in range(2):
+            keys, values = torch.randn(2, rows, 2, length, 4, generator=generator)
+            got, want = growing.update(keys, values, layer), dynamic.update(keys, values, layer)
+            assert all(torch.equal(g, w) for g, w in zip(got, want))               # the same values, exactly
+        storages.add(growing.layers[0].keys.untyped_storage().data_ptr())
+    assert growing.get_seq_length() == dynamic.get_seq_length() == 16
+    # the prefill's buffer, the gathered rows' buffer, and a doubling at 11 and at 22: 3, not one per step
+    assert len(storages) == 3
+
+
 def test_generation_stops_at_a_stop_token_and_masks_after_it(checkpoints):
     def length_through_first_stop(tokens, stop_ids):
         hits = torch.isin(tokens, torch.tensor(stop_ids)).nonzero()

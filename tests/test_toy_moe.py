@@ -8,12 +8,14 @@ why) allows MODEL_ULPS = 64 of them, while a wrong mask, position or expert move
 scale or more.
 """
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toy_moe.generate import generate, token_logprobs
+from toy_moe.generate import generate, pick_tokens, token_logprobs
 from toy_moe.model import DenseMLP, KVCache, MoELayer, ToyMoE, ToyMoEConfig
 from tolerance import assert_close_in_ulps, largest  # tests/tolerance.py
 
@@ -247,6 +249,30 @@ def test_banned_tokens_are_never_sampled_and_tiny_top_p_is_greedy():
                        generator=torch.Generator().manual_seed(0))
     greedy = generate(model, prompt_ids, prompt_ids != 0, max_new_tokens=20, temperature=0.0)
     assert torch.equal(nucleus.tokens, greedy.tokens)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8), (2.0, 0.5)])
+def test_sampled_tokens_follow_the_temperature_scaled_banned_masked_nucleus(temperature, top_p):
+    # pick_tokens is the sampler of both decode loops (toy and HF). Reference, in float64 and one token at a
+    # time: softmax(logits / T) with banned tokens at 0, the most probable tokens kept until their mass reaches
+    # top_p, renormalised.
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0, 1.5])
+    banned = (4,)
+    weights = [0.0 if token in banned else math.exp(value / temperature) for token, value in enumerate(logits.tolist())]
+    probs = [w / sum(weights) for w in weights]
+    kept, mass = set(), 0.0
+    for token in sorted(range(len(probs)), key=lambda t: -probs[t]):
+        if mass >= top_p:
+            break
+        kept.add(token)
+        mass += probs[token]
+    want = torch.tensor([p / mass if t in kept else 0.0 for t, p in enumerate(probs)], dtype=torch.float64)
+    draws = 40_000
+    tokens = pick_tokens(logits.expand(draws, -1), temperature, top_p, banned, torch.Generator().manual_seed(0))
+    got = torch.bincount(tokens, minlength=len(probs)).double() / draws
+    # each frequency is a binomial mean: within 5 standard deviations of its probability (a chance of ~6e-7
+    # per token), and exactly 0 where the probability is 0
+    assert torch.all((got - want).abs() <= 5 * (want * (1 - want) / draws).sqrt()), (got, want)
 
 
 def test_token_logprobs_is_the_temperature_scaled_banned_masked_log_softmax():

@@ -57,7 +57,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     return log_probs.gather(-1, tokens[..., None]).squeeze(-1)  # (...)
 
 
-def _pick_tokens(logits: Tensor, temperature: float, top_p: float, banned_tokens: Sequence[int], generator) -> Tensor:
+def pick_tokens(logits: Tensor, temperature: float, top_p: float, banned_tokens: Sequence[int], generator) -> Tensor:
     """Greedy when temperature == 0, else a nucleus (top-p) sample; logits (B, V) -> tokens (B,)."""
     if temperature == 0:
         return _masked_scores(logits, 1.0, banned_tokens).argmax(dim=-1)  # (B,)
@@ -149,7 +149,7 @@ def generate(
     steps: list[tuple[Tensor, ...]] = []
     for n in range(max_new_tokens):
         next_logits = out.logits[:, -1]  # (B, V)
-        token = _pick_tokens(next_logits, temperature, top_p, banned_tokens, generator)  # (B,)
+        token = pick_tokens(next_logits, temperature, top_p, banned_tokens, generator)  # (B,)
         token = torch.where(alive, token, pad_id)  # (B,)
         step = [token, alive]
         if record:

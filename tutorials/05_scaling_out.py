@@ -98,8 +98,8 @@ print(f"supervised: answer cross-entropy {float(loss.detach()):.2f} nats per tok
 # %% [markdown]
 # ## 2. One RSPO step by hand on the HF model
 #
-# The rollout: 8 answers to each of 16 problems, sampled with the model's own `generate` (KV cache), which
-# returns tokens and mask only. We split it into two minibatches and score both with the training forward
+# The rollout: 8 answers to each of 16 problems, sampled by a KV-cache decode loop over the model's own
+# decoder, which returns tokens and mask only. We split it into two minibatches and score both with the training forward
 # before any update (the old policy): that forward's gate hooks record the top-2 experts of every response
 # token. The first minibatch is
 # on-policy (γ = 1 exactly); after its update the second one is not, and RSPO weights its tokens by γ.

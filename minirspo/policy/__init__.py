@@ -19,7 +19,7 @@ __all__ = ["HF_MOE_FAMILIES", "HFPolicy", "Policy", "Samples", "Scores", "ToyPol
 
 
 def check_rollout_engine(rollout_engine: str, kind: str) -> None:
-    """--rollout-engine: `hf` samples with the model's own generate; `vllm` is the slot for a GPU engine."""
+    """--rollout-engine: `hf` samples from the model in this process; `vllm` is the slot for a GPU engine."""
     if rollout_engine not in ROLLOUT_ENGINES:
         raise ValueError(f"unknown rollout_engine {rollout_engine!r}; choose one of {list(ROLLOUT_ENGINES)}")
     if rollout_engine == "hf":
@@ -30,8 +30,8 @@ def check_rollout_engine(rollout_engine: str, kind: str) -> None:
         import vllm  # noqa: F401
     except ImportError:
         raise ValueError("--rollout-engine vllm needs the vllm package (GPU only: pip install vllm); "
-                         "--rollout-engine hf samples with the model's own generate") from None
-    raise ValueError("--rollout-engine vllm: minirspo samples with HF generate only; a vLLM engine would need the "
+                         "--rollout-engine hf samples from the model in this process") from None
+    raise ValueError("--rollout-engine vllm: minirspo samples in its own process only; a vLLM engine would need the "
                      "trainer's weights pushed to it every RL step, which is not implemented")
 
 

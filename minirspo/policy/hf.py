@@ -1,7 +1,8 @@
 """`HFPolicy`: a Hugging Face causal LM, loaded from a local directory, behind the policy interface.
 
 Notation: B sequences, P prompt tokens (left-padded), N response tokens (right-padded), S = P + N,
-V vocabulary, D model dim, L MoE layers, E experts, K experts per token, C tokens per log-prob chunk.
+V vocabulary, D model dim, L MoE layers, E experts, K experts per token, C tokens per log-prob chunk,
+U distinct prompts, H key/value heads, d head dim.
 
 MoE or dense. On the MoE families (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral; transformers >= 5,
 whose routers are `*TopKRouter` modules returning router logits, gates and experts), `RouterHooks` sits
@@ -11,6 +12,9 @@ does: always for Mixtral, per `norm_topk_prob` for the others) from forced exper
 Log-probs are computed C tokens at a time (`ChunkedLogprobLM`), never as full float32 (B, S, V) logits.
 Scoring runs each distinct prompt once and the G responses to it from its KV cache (`prompt_groups`): the same
 function with U·P + B·N tokens instead of B·S (a third fewer at 16-token responses to 9-token prompts).
+Sampling is a decode loop of our own over the model's decoder and head (`ChunkedLogprobLM.sample`), not HF
+`generate`: greedy, it picks the same tokens (tests/test_hf.py); it samples from the `generator` it is given
+rather than the global RNG; it takes 0.82-0.84x the time (benchmarks/README.md, decode_bench).
 transformers is imported only where a model is built, so the toy path runs without it.
 """
 import contextlib
@@ -28,7 +32,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.utils.checkpoint import checkpoint
 
 from minirspo.policy.base import Policy, Samples, Scores, left_pad, next_token_entropy
-from toy_moe.generate import token_logprobs
+from toy_moe.generate import pick_tokens, token_logprobs
 
 # A hub lookup for a missing local file hangs ~25 s before failing; every model here is local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -153,24 +157,46 @@ class ChunkedLogprobLM(nn.Module):
         return logprobs, next_token_entropy(logits)
 
     @torch.no_grad()
-    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, generation_config) -> Tensor:
-        """HF `generate` (KV cache) after left-padded prompts (B, P) -> the sampled tokens (B, N). Rows that
-        share a prompt share its prefill: all but its last token run once per distinct prompt, and generate
-        starts from that cache gathered to the B rows."""
-        prefilled = {}
+    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, temperature: float,
+               top_p: float, stop_ids: tuple[int, ...], banned_tokens: tuple[int, ...], pad_id: int,
+               generator: torch.Generator | None) -> Tensor:
+        """A KV-cache decode after left-padded prompts (B, P) -> the sampled tokens (B, N), N <= max_new_tokens,
+        `pad_id` after each row's first stop token; it ends when every row has stopped.
+
+        The loop HF `generate` runs for plain sampling, without its per-step machinery: each step is the
+        decoder on one token per row, the head on its last hidden state, and the toy sampler's `pick_tokens`
+        (the same temperature, top-p and banned tokens as `token_logprobs` scores). The prompt of rows that share
+        it is prefilled once (`prompt_groups`) and its cache gathered to the B rows; the cache appends in place
+        (`GrowingCache`). benchmarks/README.md (decode_bench) measures it against `generate`."""
+        from minirspo.policy.kv_cache import GrowingCache
+        if not bool(prompt_mask[:, -1].all()):
+            raise ValueError("prompts must be left-padded: every row's last prompt position a real token")
+        decoder, head = self.lm.get_decoder(), self.lm.get_output_embeddings()
+        batch, prompt_len = prompt_ids.shape
+        mask = F.pad(prompt_mask.long(), (0, max_new_tokens), value=1)                    # (B, P + max_new_tokens)
+        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)                                  # (B, P + max_new_tokens)
+        cache = GrowingCache()
+        uses_cache = {"use_cache": True, _cache_argument(decoder): cache}
         groups = prompt_groups(prompt_ids, prompt_mask)
-        if groups is not None and bool(prompt_mask[:, -2:].all()):  # every prompt keeps a token to prefill
-            from transformers import DynamicCache
-            first, group = groups
-            decoder, cache = self.lm.get_decoder(), DynamicCache()
-            positions = (prompt_mask.long().cumsum(dim=1) - 1).clamp_min(0)               # (B, P)
-            decoder(input_ids=prompt_ids[first, :-1], attention_mask=prompt_mask[first, :-1].long(),
-                    position_ids=positions[first, :-1], use_cache=True, **{_cache_argument(decoder): cache})
-            cache.batch_select_indices(group)                                              # (B, H, P - 1, d) per layer
-            prefilled[_cache_argument(self.lm)] = cache
-        sequences = self.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(),
-                                     generation_config=generation_config, **prefilled)     # (B, P + N)
-        return sequences[:, prompt_ids.shape[1]:]                                          # (B, N)
+        first = groups[0] if groups is not None else slice(None)
+        hidden = decoder(input_ids=prompt_ids[first], attention_mask=mask[first, :prompt_len],
+                         position_ids=positions[first, :prompt_len], **uses_cache).last_hidden_state[:, -1]  # (U, D)
+        if groups is not None:
+            cache.batch_select_indices(groups[1])                                          # (B, H, P, d) per layer
+            hidden = hidden[groups[1]]                                                     # (B, D)
+        stop = torch.tensor(stop_ids, device=prompt_ids.device)
+        alive = torch.ones(batch, dtype=torch.bool, device=prompt_ids.device)             # (B,)
+        tokens = []
+        for step in range(max_new_tokens):
+            token = pick_tokens(head(hidden), temperature, top_p, banned_tokens, generator)  # (B,)
+            tokens.append(torch.where(alive, token, pad_id))
+            alive &= ~torch.isin(tokens[-1], stop)
+            if step == max_new_tokens - 1 or not bool(alive.any()):
+                break
+            end = prompt_len + step + 1  # the prompt and the tokens so far, the one just sampled included
+            hidden = decoder(input_ids=tokens[-1][:, None], attention_mask=mask[:, :end],
+                             position_ids=positions[:, end - 1:end], **uses_cache).last_hidden_state[:, -1]  # (B, D)
+        return rearrange(tokens, "n b -> b n")                                             # (B, N)
 
 
 def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -189,18 +215,6 @@ def _cache_argument(decoder: nn.Module) -> str:
     """The forward argument that takes a KV cache: `cache` from the transformers release that renamed it,
     `past_key_values` before (the old name is deprecated and goes away in 5.40)."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-@contextlib.contextmanager
-def _rng_from(generator: torch.Generator | None, device: torch.device):
-    """HF `generate` samples from the global RNG: seed it from `generator` for this block, then restore it."""
-    if generator is None:
-        yield
-        return
-    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-    with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
-        torch.manual_seed(seed)
-        yield
 
 
 def _router_gates(lm: nn.Module) -> list[nn.Module]:
@@ -224,13 +238,12 @@ class HFPolicy(Policy):
     (then `is_moe` is False and RSPO refuses it). Special tokens other than the stop tokens, and ids beyond
     the tokenizer, are never sampled (the CPU prototype's pitfall: a sampled PAD/BOS breaks scoring).
 
-    The checkpoint's generation defaults (top_k, repetition_penalty, ...) are dropped: RL must sample from
-    the distribution it scores, the model's own at --temperature / --top-p. The HF router aux loss is not
+    The checkpoint's generation defaults (top_k, repetition_penalty, ...) are not used: RL must sample from
+    the distribution it scores, the model's own at --temperature / --top-p (the decode loop is our own). The HF router aux loss is not
     added by the model (no `labels`, `output_router_logits` off); `Scores.aux_loss` carries it unweighted
     for the loop's --aux-loss-coef."""
 
     def __init__(self, lm: nn.Module, tokenizer, *, logprob_chunk_tokens: int = 4096):
-        from transformers import GenerationConfig
         if getattr(lm.config, "router_jitter_noise", 0.0):
             raise ValueError(f"router_jitter_noise={lm.config.router_jitter_noise}: a noisy router makes the "
                              "training forward random, so old and new log-probs would disagree on-policy")
@@ -244,8 +257,6 @@ class HFPolicy(Policy):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         special = {*tokenizer.all_special_ids, *(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)}
         self.banned = tuple(sorted((special - set(self.stop_ids)) | set(range(len(tokenizer), vocab_size))))
-        lm.generation_config = GenerationConfig(pad_token_id=self.pad_id, eos_token_id=list(self.stop_ids),
-                                                bos_token_id=tokenizer.bos_token_id)
         lm.config.output_router_logits = False
         self.router = RouterHooks(_router_gates(lm))
         self.balance_loss = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)
@@ -288,22 +299,16 @@ class HFPolicy(Policy):
     @torch.no_grad()
     def generate(self, prompt_ids, prompt_mask, *, max_new_tokens, temperature=1.0, top_p=1.0,
                  generator=None) -> Samples:
-        """The model's own `generate` with a KV cache; temperature 0 = greedy. Only tokens: the loop scores
+        """A KV-cache decode (`ChunkedLogprobLM.sample`); temperature 0 = greedy. Only tokens: the loop scores
         them with the training forward (`score`), so nothing else is computed here."""
-        from transformers import GenerationConfig
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
-        greedy = temperature == 0
-        # suppress_tokens: the banned ids get -inf logits before sampling (HF's SuppressTokensLogitsProcessor)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy,
-                                  temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-                                  top_k=None if greedy else 0, pad_token_id=self.pad_id, eos_token_id=list(self.stop_ids),
-                                  suppress_tokens=list(self.banned) or None, use_cache=True)
         self.router.configure(replay=None, freeze=False)  # a replay left by the last `score` must not apply here
-        with _rng_from(generator, prompt_ids.device):
-            tokens = self.model.sample(prompt_ids, prompt_mask, config)                    # (B, N)
+        tokens = self.model.sample(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, stop_ids=self.stop_ids, banned_tokens=self.banned, pad_id=self.pad_id,
+                                   generator=generator)                                    # (B, N)
         is_stop = torch.isin(tokens, torch.tensor(self.stop_ids, device=tokens.device))   # (B, N)
         mask = (is_stop.cumsum(dim=1) - is_stop.long()) == 0                               # (B, N) through 1st stop
         return Samples(tokens, mask)
