@@ -7,7 +7,7 @@ ARGS   ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench gpu-wheels clean
 setup: $(STAMP)
 
 # Re-install only when the project metadata changes. torch goes in first and explicitly, so that
@@ -28,6 +28,13 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/loss_bench.py
+
+# What benchmarks/gpu_bench.sh needs beyond a GPU image with torch and transformers (TRL and the command
+# line's tyro, with the dependencies such images lack), as Python 3.12 wheels in .whl/, which the script installs.
+GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 tyro==1.0.17 docstring-parser typeguard
+gpu-wheels: setup
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -3,6 +3,7 @@ MoE shape (many layers, 64 experts, top-8, responses of a few hundred tokens), s
 
     .venv/bin/python benchmarks/rs_cost_bench.py                      # 2 threads, 3 rounds, a few minutes
     .venv/bin/python benchmarks/rs_cost_bench.py --layers 24 --response 512 --threads 1 --rounds 2
+    python3 benchmarks/rs_cost_bench.py --device cuda --layers 24 --hidden 1024 --expert-hidden 256 --sequences 64
 
 RSPO is GMPO plus γ: per minibatch, the old policy's top-K experts and router log-probs at the response tokens
 are kept ((L, B, N, K): int64 + float32, 12 bytes each), and every update computes γ from the training forward's
@@ -15,10 +16,12 @@ tokens, response lengths drawn between N/2 and N, random rewards; sampling is th
 left out, which makes RS's share of the step larger than in a full step), scored as the old policy and trained
 in 2 minibatches, so the second is off-policy. Each run is a fresh process (its peak resident memory is its
 own); runs alternate between the variants in rounds, and step times are medians over rounds (the first step of
-each run is warm-up). `seconds` is the RL step as metrics.csv logs it.
+each run is warm-up). `seconds` is the RL step as metrics.csv logs it. `--device cuda` trains in bf16 autocast
+(`--precision bf16-mixed`) and reports the peak GPU memory allocated instead of the peak resident memory.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -33,7 +36,8 @@ VARIANTS = {"gmpo": dict(loss="gmpo", router_diagnostics=False), "rspo": dict(lo
             "gmpo+diag": dict(loss="gmpo", router_diagnostics=True)}
 
 
-def worker(variant: str, model: str, sequences: int, response: int, steps: int, threads: int, result: str) -> None:
+def worker(variant: str, model: str, sequences: int, response: int, steps: int, threads: int, device: str,
+           result: str) -> None:
     import torch
     torch.set_num_threads(threads)
     import minirspo.train
@@ -54,6 +58,7 @@ def worker(variant: str, model: str, sequences: int, response: int, steps: int, 
             mask = torch.arange(response)[None, :] < lengths[:, None]                                  # (B, N)
             rewards = torch.rand(len(repeated), generator=generator)                                   # (B,)
             advantages = group_advantages(rewards, cfg.group_size)                                     # (B,)
+            tokens, mask, advantages = (t.to(self.device) for t in (tokens, mask, advantages))
             prompt_ids, prompt_mask = self.policy.encode_prompts([p.prompt for p in repeated])
             size = cfg.minibatch_size
             minibatches = [Minibatch(prompt_ids[i:i + size], prompt_mask[i:i + size], tokens[i:i + size],
@@ -73,12 +78,17 @@ def worker(variant: str, model: str, sequences: int, response: int, steps: int, 
     with tempfile.TemporaryDirectory() as out:
         config = RLConfig(model=f"hf:{model}", out=out, n_prompts=sequences // 4, group_size=4,
                           minibatch_size=sequences // 2, max_new_tokens=response, max_steps=steps, eval_every=0,
-                          checkpoint_every=10_000, accelerator="cpu", **VARIANTS[variant])
+                          checkpoint_every=10_000, accelerator="gpu" if device == "cuda" else "cpu",
+                          precision="bf16-mixed" if device == "cuda" else "32-true", **VARIANTS[variant])
         minirspo.train.RLModule = FixedRollout
         minirspo.train.run(config)
-        seconds = read_metrics(Path(out) / "metrics.csv")["seconds"]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
-    Path(result).write_text(json.dumps({"seconds": seconds[1:], "peak_rss": peak,
+        # step 0 is warm-up; the row after the last step holds only the final evaluation (no seconds)
+        seconds = [s for s in read_metrics(Path(out) / "metrics.csv")["seconds"][1:] if not math.isnan(s)]
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()  # bytes
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+    Path(result).write_text(json.dumps({"seconds": seconds, "peak_rss": peak,
                                         "router_state": max(router_state)}))
 
 
@@ -94,7 +104,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="RL steps per run (the first is not timed)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: float32, peak resident memory; cuda: bf16 autocast, peak GPU memory allocated")
     args = parser.parse_args()
+    if args.steps < 2 or args.rounds < 1:
+        sys.exit("error: need --steps >= 2 (the first is not timed) and --rounds >= 1")
     from minirspo.testing import make_tiny_hf_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="rs_cost_bench_"))
@@ -109,7 +123,7 @@ def main() -> None:
         for variant in list(VARIANTS) if round_ % 2 == 0 else list(VARIANTS)[::-1]:
             result = root / f"{variant}.json"
             done = subprocess.run([sys.executable, __file__, "--worker", variant, str(model), str(args.sequences),
-                                   str(args.response), str(args.steps), str(args.threads), str(result)],
+                                   str(args.response), str(args.steps), str(args.threads), args.device, str(result)],
                                   env=env, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{variant} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
@@ -121,13 +135,14 @@ def main() -> None:
     config = AutoConfig.from_pretrained(model)
     print(f"\nQwen3-MoE random init: {args.layers} layers, hidden {args.hidden}, {args.experts} experts top-{args.top_k} "
           f"(expert width {args.expert_hidden}), vocab {config.vocab_size}; {args.sequences} sequences × up to "
-          f"{args.response} response tokens per RL step in 2 minibatches; {args.threads} threads; {args.rounds} rounds × "
+          f"{args.response} response tokens per RL step in 2 minibatches; {args.device}, {args.threads} threads; {args.rounds} rounds × "
           f"{args.steps - 1} timed steps; 1/5/15-min load average {load_before[0]:.2f}/{load_before[1]:.2f}/"
           f"{load_before[2]:.2f} before, {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} after\n")
     bound = args.layers * (args.sequences // 2) * args.response * args.top_k * 12
     base = statistics.median(s for run in runs["gmpo"] for s in run["seconds"])
     base_peak = statistics.median(run["peak_rss"] for run in runs["gmpo"])
-    print("| variant | s / RL step | × GMPO | peak RSS | vs GMPO | router state per minibatch | bound L·B·N·K·12 |")
+    memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
+    print(f"| variant | s / RL step | × GMPO | {memory} | vs GMPO | router state per minibatch | bound L·B·N·K·12 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for variant, variant_runs in runs.items():
         seconds = statistics.median(s for run in variant_runs for s in run["seconds"])
@@ -139,7 +154,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        variant, model, sequences, response, steps, threads, result = sys.argv[2:]
-        worker(variant, model, int(sequences), int(response), int(steps), int(threads), result)
+        variant, model, sequences, response, steps, threads, device, result = sys.argv[2:]
+        worker(variant, model, int(sequences), int(response), int(steps), int(threads), device, result)
     else:
         main()

@@ -3,6 +3,7 @@
     .venv/bin/pip install -e ".[bench]"                  # TRL (an optional extra, never a runtime dependency)
     .venv/bin/python benchmarks/trl_bench.py             # 2 threads each, 3 rounds, about 10 minutes on 2 idle cores
     .venv/bin/python benchmarks/trl_bench.py --rounds 1 --steps 3 --workloads qwen3-14m/16
+    python3 benchmarks/trl_bench.py --device cuda --workloads qwen3-0.7b/256 --rounds 1   # a GPU (gpu_bench.sh)
 
 The workload (issue 15): a random-init Qwen3-MoE saved locally (`minirspo.testing.make_tiny_hf_checkpoint`, the
 toy BPE tokenizer as an HF tokenizer), G=8 responses to each of 16 arithmetic prompts per RL step, temperature 1,
@@ -12,7 +13,14 @@ checkpointing, `torch.set_num_threads(threads)` in each process. The old policy'
 forward on both sides (TRL computes them because a generation feeds 2 optimiser steps).
 
 Workloads: `qwen3-14m` (hidden 256, 4 layers, 8 experts top-2, expert width 512: 13.9M parameters) and `toy`
-(the toy MoE's size: hidden 128, 4 layers, 8 experts top-2, expert width 256), with 16 or 64 new tokens.
+(the toy MoE's size: hidden 128, 4 layers, 8 experts top-2, expert width 256), with 16 or 64 new tokens; for a
+GPU `qwen3-0.7b` (hidden 1024, 12 layers, 64 experts top-8, expert width 256, 32k vocabulary: 0.72B parameters,
+0.16B active). `--device cuda` runs both tools in bf16 autocast over float32 weights (minirspo
+`--precision bf16-mixed`, TRL `bf16=True`), synchronises the GPU at every phase boundary, and adds the update
+phase's model FLOP utilisation: 6 × active parameters (the input embedding excluded, experts counted top_k/E)
+× prompt-and-response tokens per row, over the update seconds, against the GPU's dense bf16 peak (`--peak-tflops`,
+989 for an H100/H200 SXM). Both tools get the same FLOP count for the same rollout, so a tool that does less
+work for it (prompts shared per group) shows a higher figure.
 
 Each run is a fresh subprocess (one tool, one workload), and runs alternate between the tools in rounds so that
 load from other processes hits both. The same prompts reach both: TRL is given the problems minirspo samples at
@@ -39,7 +47,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"qwen3-14m": dict(hidden_size=256, n_layers=4, n_heads=4, n_experts=8, top_k=2, expert_hidden=512),
-         "toy": dict(hidden_size=128, n_layers=4, n_heads=4, n_experts=8, top_k=2, expert_hidden=256)}
+         "toy": dict(hidden_size=128, n_layers=4, n_heads=4, n_experts=8, top_k=2, expert_hidden=256),
+         "qwen3-0.7b": dict(hidden_size=1024, n_layers=12, n_heads=16, n_experts=64, top_k=8, expert_hidden=256,
+                            vocab_size=32768)}
 N_PROMPTS, GROUP, MINIBATCH, SEED = 16, 8, 64, 0
 TOOLS = ("trl", "minirspo", "minirspo+diag")
 
@@ -50,7 +60,14 @@ def problems_of_step(task, step: int):
     return task.sample(N_PROMPTS, seed=step_seed(SEED, step), split="train")
 
 
-def run_minirspo(model: Path, new_tokens: int, steps: int, out: Path, diagnostics: bool) -> dict:
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a phase's time is its own (no-op on CPU)."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_minirspo(model: Path, new_tokens: int, steps: int, out: Path, diagnostics: bool, device: str) -> dict:
     import minirspo.train
     from minirspo.config import RLConfig
     from minirspo.module import RLModule
@@ -61,11 +78,13 @@ def run_minirspo(model: Path, new_tokens: int, steps: int, out: Path, diagnostic
             record["generate"].append(0.0)
             record["old"].append(0.0)
             super().training_step(batch, batch_idx)
+            synchronize()
             record["ends"].append(time.perf_counter())
 
         def collect_rollouts(self, step):
             started = time.perf_counter()
             minibatches, stats = super().collect_rollouts(step)
+            synchronize()
             record["generate"][-1] += time.perf_counter() - started
             record["tokens"].append(int(sum(int(mb.mask.sum()) for mb in minibatches)))
             record["prompt_ids"].append([ids[mask].tolist() for mb in minibatches
@@ -73,14 +92,17 @@ def run_minirspo(model: Path, new_tokens: int, steps: int, out: Path, diagnostic
             return minibatches, stats
 
         def score_old(self, mb):
+            synchronize()
             started = time.perf_counter()
             old = super().score_old(mb)
+            synchronize()
             record["old"][-1] += time.perf_counter() - started
             return old
 
     config = RLConfig(model=f"hf:{model}", out=str(out), loss="grpo", n_prompts=N_PROMPTS, group_size=GROUP,
                       minibatch_size=MINIBATCH, max_new_tokens=new_tokens, max_steps=steps + 1, eval_every=0,
-                      eval_size=8, checkpoint_every=10_000, seed=SEED, accelerator="cpu",
+                      eval_size=8, checkpoint_every=10_000, seed=SEED, accelerator="gpu" if device == "cuda" else "cpu",
+                      precision="bf16-mixed" if device == "cuda" else "32-true",
                       resample_rounds=0, scale_advantages=True,  # one sampling round, GRPO's Â, as TRL
                       router_diagnostics=diagnostics)
     minirspo.train.RLModule = TimedModule
@@ -88,7 +110,7 @@ def run_minirspo(model: Path, new_tokens: int, steps: int, out: Path, diagnostic
     return record
 
 
-def run_trl(model: Path, new_tokens: int, steps: int, out: Path) -> dict:
+def run_trl(model: Path, new_tokens: int, steps: int, out: Path, device: str) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -108,6 +130,7 @@ def run_trl(model: Path, new_tokens: int, steps: int, out: Path) -> dict:
     class StepEnds(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step % 2 == 0:  # an RL step is 2 optimiser steps
+                synchronize()
                 record["ends"].append(time.perf_counter())
 
     args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=MINIBATCH, num_generations=GROUP,
@@ -115,7 +138,7 @@ def run_trl(model: Path, new_tokens: int, steps: int, out: Path) -> dict:
                       num_iterations=1, max_completion_length=new_tokens, temperature=1.0, top_p=1.0, top_k=0,
                       beta=0.0, loss_type="grpo", learning_rate=2e-4, max_grad_norm=1.0,
                       max_steps=steps * N_PROMPTS * GROUP // MINIBATCH, shuffle_dataset=False, seed=SEED,
-                      bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, report_to="none",
+                      bf16=device == "cuda", fp16=False, use_cpu=device == "cpu", gradient_checkpointing=False, report_to="none",
                       save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     trainer = GRPOTrainer(model=lm, reward_funcs=reward, args=args, train_dataset=dataset,
@@ -125,17 +148,22 @@ def run_trl(model: Path, new_tokens: int, steps: int, out: Path) -> dict:
     def timed_generate(prompts):
         record["generate"].append(0.0)
         record["old"].append(0.0)
+        synchronize()
         started = time.perf_counter()
         out = generate(prompts)
+        synchronize()
         record["generate"][-1] += time.perf_counter() - started
         record["tokens"].append(sum(len(ids) for ids in out[1]))
         return out
 
     def timed_logprobs(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return logprobs(*args, **kwargs)
+        synchronize()
         started = time.perf_counter()
         out = logprobs(*args, **kwargs)
-        if not torch.is_grad_enabled():
-            record["old"][-1] += time.perf_counter() - started
+        synchronize()
+        record["old"][-1] += time.perf_counter() - started
         return out
 
     def recorded_tokenize(prompts):
@@ -150,14 +178,14 @@ def run_trl(model: Path, new_tokens: int, steps: int, out: Path) -> dict:
 
 
 def worker(argv: list[str]) -> None:
-    tool, model, new_tokens, steps, threads, result = argv
+    tool, model, new_tokens, steps, threads, device, result = argv
     import torch
     torch.set_num_threads(int(threads))
     with tempfile.TemporaryDirectory() as out:
         if tool == "trl":
-            record = run_trl(Path(model), int(new_tokens), int(steps), Path(out))
+            record = run_trl(Path(model), int(new_tokens), int(steps), Path(out), device)
         else:
-            record = run_minirspo(Path(model), int(new_tokens), int(steps), Path(out), diagnostics=tool.endswith("diag"))
+            record = run_minirspo(Path(model), int(new_tokens), int(steps), Path(out), tool.endswith("diag"), device)
     Path(result).write_text(json.dumps(record))
 
 
@@ -166,7 +194,21 @@ def timed_steps(record: dict, steps: int) -> list[dict]:
     """Steps 1 .. steps-2 of a run (0 is warm-up; minirspo's last holds its end-of-run evaluation)."""
     ends = record["ends"]
     return [{"seconds": ends[k] - ends[k - 1], "generate": record["generate"][k], "old": record["old"][k],
-             "tokens": record["tokens"][k]} for k in range(1, steps - 1)]
+             "tokens": record["tokens"][k], "prompt_tokens": sum(map(len, record["prompt_ids"][k]))}
+            for k in range(1, steps - 1)]
+
+
+def active_parameters(model: Path) -> float:
+    """Parameters one token passes through: all but the input embedding, the experts' scaled by top_k / E."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    embedding = lm.get_input_embeddings().weight
+    share = config.num_experts_per_tok / config.num_experts
+    return sum(p.numel() * (share if ".experts." in name else 1) for name, p in lm.named_parameters()
+               if p is not embedding)
 
 
 def main() -> None:
@@ -176,12 +218,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workloads", nargs="+", default=["qwen3-14m/16", "toy/16", "qwen3-14m/64"],
                         help="SIZE/NEW_TOKENS, SIZE one of " + ", ".join(SIZES))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: float32; cuda: bf16 autocast, phases synchronised, update-phase MFU reported")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the GPU's dense bf16 peak for MFU (default 989: H100/H200 SXM)")
     args = parser.parse_args()
+    for workload in args.workloads:
+        size, _, new_tokens = workload.partition("/")
+        if size not in SIZES or not new_tokens.isdigit() or int(new_tokens) < 1:
+            sys.exit(f"error: workload {workload!r} must be SIZE/NEW_TOKENS, SIZE one of {', '.join(SIZES)}")
+    if args.rounds < 1 or args.steps < 3:
+        sys.exit("error: need --rounds >= 1 and --steps >= 3 (the first and last steps are not timed)")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            sys.exit("error: --device cuda, but torch sees no GPU")
     from minirspo.testing import make_tiny_hf_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="trl_bench_"))
-    models = {size: make_tiny_hf_checkpoint(root / size, "qwen3_moe", **dims, norm_topk_prob=True)
-              for size, dims in SIZES.items()}
+    sizes = {workload.partition("/")[0] for workload in args.workloads}
+    models = {size: make_tiny_hf_checkpoint(root / size, "qwen3_moe", **SIZES[size], norm_topk_prob=True)
+              for size in sizes}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     load_before = os.getloadavg()
@@ -194,7 +251,8 @@ def main() -> None:
             for tool in tools if round_ % 2 == 0 else tools[::-1]:
                 result = root / f"{tool}.json"
                 done = subprocess.run([sys.executable, __file__, "--worker", tool, str(models[size]), new_tokens,
-                                       str(args.steps + (tool != "trl")), str(args.threads), str(result)],
+                                       str(args.steps + (tool != "trl")), str(args.threads), args.device,
+                                       str(result)],
                                       env=env, capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(f"{tool} on {workload} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
@@ -211,9 +269,13 @@ def main() -> None:
     print(f"\n{args.rounds} rounds × {args.steps - 2} timed RL steps per tool and workload, {args.threads} threads, "
           f"medians; 1/5/15-min load average {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f} before, "
           f"{load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} after; prompt token ids checked equal\n")
-    print("| workload | tool | s / RL step | generate | old log-probs | updates | completion tokens/s | × TRL throughput |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    gpu = args.device == "cuda"
+    active = {size: active_parameters(model) for size, model in models.items()} if gpu else {}
+    print("| workload | tool | s / RL step | generate | old log-probs | updates | completion tokens/s "
+          "| sampled tokens/s | × TRL throughput |" + (" update TFLOP/s | update MFU |" if gpu else ""))
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if gpu else ""))
     for workload in args.workloads:
+        size = workload.partition("/")[0]
         trl_seconds = statistics.median(s["seconds"] for s in results[(workload, "trl")])
         for tool in TOOLS:
             if (workload, tool) not in results:
@@ -223,9 +285,17 @@ def main() -> None:
             generate = statistics.median(s["generate"] for s in steps)
             old = statistics.median(s["old"] for s in steps)
             tokens = statistics.median(s["tokens"] / s["seconds"] for s in steps)
-            print(f"| {workload.replace('/', ', ')} new tokens | {tool} | {seconds:.3f} | {generate:.3f} | {old:.3f} | "
-                  f"{seconds - generate - old:.3f} | {tokens:,.0f} | {trl_seconds / seconds:.2f}× |")
-
+            sampling = statistics.median(s["tokens"] / s["generate"] for s in steps)
+            row = (f"| {workload.replace('/', ', ')} new tokens | {tool} | {seconds:.3f} | {generate:.3f} | {old:.3f} | "
+                   f"{seconds - generate - old:.3f} | {tokens:,.0f} | {sampling:,.0f} | {trl_seconds / seconds:.2f}× |")
+            if gpu:  # 6 · active parameters · (prompt + response tokens), forward and backward, per update second
+                tflops = statistics.median(6 * active[size] * (s["prompt_tokens"] + s["tokens"])
+                                           / (s["seconds"] - s["generate"] - s["old"]) for s in steps) / 1e12
+                row += f" {tflops:.0f} | {tflops / args.peak_tflops:.0%} |"
+            print(row)
+    if gpu:
+        print("\nactive parameters: " + ", ".join(f"{size} {count / 1e9:.3f}B" for size, count in active.items())
+              + f"; MFU against {args.peak_tflops:.0f} TFLOP/s")
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
