@@ -11,13 +11,13 @@
 #   bash benchmarks/gpu_bench.sh --cpu    # dry run of the same code paths at toy sizes on CPU (~3 minutes)
 #
 # Python: $PYTHON, else .venv/bin/python, else python3. An image without TRL or tyro gets them from wheels in
-# .whl/ (`make gpu-wheels` downloads them here; copy the folder along), installed to /tmp/site first.
+# .whl/ (`make gpu-wheels` downloads them, for Python 3.12; copy the folder along), installed to /tmp/site first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if compgen -G ".whl/*.whl" > /dev/null; then
+if ! "$PYTHON" -c "import trl, tyro" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -240,8 +240,9 @@ def test_the_decode_loop_picks_what_hf_generate_picks(checkpoints, family):
     prompt_ids, prompt_mask = (t[rows] for t in batch(policy)[:2])
     ours = policy.generate(prompt_ids, prompt_mask, max_new_tokens=8, temperature=0.0)
     theirs = policy.model.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(), do_sample=False,
-                                      max_new_tokens=8, suppress_tokens=list(policy.banned), eos_token_id=policy.stop_ids,
-                                      pad_token_id=policy.pad_id, output_scores=True, return_dict_in_generate=True)
+                                      max_new_tokens=8, suppress_tokens=list(policy.banned),
+                                      eos_token_id=policy.stop_ids, pad_token_id=policy.pad_id, output_scores=True,
+                                      return_dict_in_generate=True)
     steps = min(ours.tokens.shape[1], len(theirs.scores))                             # both end when all rows stop
     scores = torch.stack(theirs.scores[:steps], dim=1).float()                        # (B, N, V) banned at -inf
     top = scores.log_softmax(-1).topk(2, dim=-1).values                                # (B, N, 2)
