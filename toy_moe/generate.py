@@ -58,7 +58,8 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
 
 
 def pick_tokens(logits: Tensor, temperature: float, top_p: float, banned_tokens: Sequence[int], generator) -> Tensor:
-    """Greedy when temperature == 0, else a nucleus (top-p) sample; logits (B, V) -> tokens (B,)."""
+    """Greedy when temperature == 0, else a nucleus (top-p) sample; logits (B, V) -> tokens (B,). Public so that
+    other decode loops (minirspo's, over an HF model) sample by the same rule that `token_logprobs` scores."""
     if temperature == 0:
         return _masked_scores(logits, 1.0, banned_tokens).argmax(dim=-1)  # (B,)
     probs = _masked_scores(logits, temperature, banned_tokens).softmax(dim=-1)  # (B, V)

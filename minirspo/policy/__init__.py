@@ -1,8 +1,9 @@
 """The one door between the RL loop and a model: generate rollouts, score tokens, replay or freeze routing.
 
-    base.py   the `Policy` interface, its `Scores`, and the helpers every implementation shares
-    toy.py    `ToyPolicy`: the from-scratch toy_moe model
-    hf.py     `HFPolicy`: a local Hugging Face MoE (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral) or dense LM
+    base.py      the `Policy` interface, its `Scores`, and the helpers every implementation shares
+    toy.py       `ToyPolicy`: the from-scratch toy_moe model
+    hf.py        `HFPolicy`: a local Hugging Face MoE (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral) or dense LM
+    kv_cache.py  `GrowingCache`: the KV cache of HFPolicy's decode loop, appended in place
 
 `load_policy("toy:PATH" | "hf:PATH")` picks one. Tiny offline HF checkpoints for tests, tutorials and
 benchmarks are in `minirspo.testing`.

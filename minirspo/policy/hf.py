@@ -238,10 +238,10 @@ class HFPolicy(Policy):
     (then `is_moe` is False and RSPO refuses it). Special tokens other than the stop tokens, and ids beyond
     the tokenizer, are never sampled (the CPU prototype's pitfall: a sampled PAD/BOS breaks scoring).
 
-    The checkpoint's generation defaults (top_k, repetition_penalty, ...) are not used: RL must sample from
-    the distribution it scores, the model's own at --temperature / --top-p (the decode loop is our own). The HF router aux loss is not
-    added by the model (no `labels`, `output_router_logits` off); `Scores.aux_loss` carries it unweighted
-    for the loop's --aux-loss-coef."""
+    The checkpoint's generation defaults (top_k, repetition_penalty, ...) are not used (the decode loop is our
+    own): RL must sample from the distribution it scores, the model's own at --temperature / --top-p. The HF
+    router aux loss is not added by the model (no `labels`, `output_router_logits` off); `Scores.aux_loss`
+    carries it unweighted for the loop's --aux-loss-coef."""
 
     def __init__(self, lm: nn.Module, tokenizer, *, logprob_chunk_tokens: int = 4096):
         if getattr(lm.config, "router_jitter_noise", 0.0):
