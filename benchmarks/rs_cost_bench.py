@@ -109,6 +109,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 2 or args.rounds < 1:
         sys.exit("error: need --steps >= 2 (the first is not timed) and --rounds >= 1")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            sys.exit("error: --device cuda, but torch sees no GPU")
     from minirspo.testing import make_tiny_hf_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="rs_cost_bench_"))

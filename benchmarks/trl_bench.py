@@ -15,12 +15,12 @@ forward on both sides (TRL computes them because a generation feeds 2 optimiser 
 Workloads: `qwen3-14m` (hidden 256, 4 layers, 8 experts top-2, expert width 512: 13.9M parameters) and `toy`
 (the toy MoE's size: hidden 128, 4 layers, 8 experts top-2, expert width 256), with 16 or 64 new tokens; for a
 GPU `qwen3-0.7b` (hidden 1024, 12 layers, 64 experts top-8, expert width 256, 32k vocabulary: 0.72B parameters,
-0.16B active). `--device cuda` runs both tools in bf16 autocast over float32 weights (minirspo
-`--precision bf16-mixed`, TRL `bf16=True`), synchronises the GPU at every phase boundary, and adds the update
-phase's model FLOP utilisation: 6 × active parameters (the input embedding excluded, experts counted top_k/E)
-× prompt-and-response tokens per row, over the update seconds, against the GPU's dense bf16 peak (`--peak-tflops`,
-989 for an H100/H200 SXM). Both tools get the same FLOP count for the same rollout, so a tool that does less
-work for it (prompts shared per group) shows a higher figure.
+0.16B active). `update TFLOP/s` is 6 × active parameters (the input embedding excluded, experts counted
+top_k/E) × prompt-and-response tokens per row, over the update seconds; both tools get the same count for the
+same rollout, so a tool that does less work for it (prompts shared per group) shows a higher figure.
+`--device cuda` runs both tools in bf16 autocast over float32 weights (minirspo `--precision bf16-mixed`, TRL
+`bf16=True`), synchronises the GPU at every phase boundary, and adds the update phase's model FLOP
+utilisation against the GPU's dense bf16 peak (`--peak-tflops`, 989 for an H100/H200 SXM).
 
 Each run is a fresh subprocess (one tool, one workload), and runs alternate between the tools in rounds so that
 load from other processes hits both. The same prompts reach both: TRL is given the problems minirspo samples at
@@ -270,10 +270,10 @@ def main() -> None:
           f"medians; 1/5/15-min load average {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f} before, "
           f"{load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} after; prompt token ids checked equal\n")
     gpu = args.device == "cuda"
-    active = {size: active_parameters(model) for size, model in models.items()} if gpu else {}
+    active = {size: active_parameters(model) for size, model in models.items()}
     print("| workload | tool | s / RL step | generate | old log-probs | updates | completion tokens/s "
-          "| sampled tokens/s | × TRL throughput |" + (" update TFLOP/s | update MFU |" if gpu else ""))
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if gpu else ""))
+          "| sampled tokens/s | × TRL throughput | update TFLOP/s |" + (" update MFU |" if gpu else ""))
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else ""))
     for workload in args.workloads:
         size = workload.partition("/")[0]
         trl_seconds = statistics.median(s["seconds"] for s in results[(workload, "trl")])
@@ -288,14 +288,14 @@ def main() -> None:
             sampling = statistics.median(s["tokens"] / s["generate"] for s in steps)
             row = (f"| {workload.replace('/', ', ')} new tokens | {tool} | {seconds:.3f} | {generate:.3f} | {old:.3f} | "
                    f"{seconds - generate - old:.3f} | {tokens:,.0f} | {sampling:,.0f} | {trl_seconds / seconds:.2f}× |")
-            if gpu:  # 6 · active parameters · (prompt + response tokens), forward and backward, per update second
-                tflops = statistics.median(6 * active[size] * (s["prompt_tokens"] + s["tokens"])
-                                           / (s["seconds"] - s["generate"] - s["old"]) for s in steps) / 1e12
-                row += f" {tflops:.0f} | {tflops / args.peak_tflops:.0%} |"
+            # 6 · active parameters · (prompt + response tokens): forward and backward, per second of updates
+            tflops = statistics.median(6 * active[size] * (s["prompt_tokens"] + s["tokens"])
+                                       / (s["seconds"] - s["generate"] - s["old"]) for s in steps) / 1e12
+            row += f" {tflops:.3g} |" + (f" {tflops / args.peak_tflops:.0%} |" if gpu else "")
             print(row)
-    if gpu:
-        print("\nactive parameters: " + ", ".join(f"{size} {count / 1e9:.3f}B" for size, count in active.items())
-              + f"; MFU against {args.peak_tflops:.0f} TFLOP/s")
+    print("\nactive parameters (input embedding excluded, experts × top_k / E): "
+          + ", ".join(f"{size} {count / 1e6:,.1f}M" for size, count in active.items())
+          + (f"; MFU against {args.peak_tflops:.0f} TFLOP/s" if gpu else ""))
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
