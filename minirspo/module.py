@@ -30,7 +30,8 @@ vLLM differs far more. verl re-scores for the same reason. Only (L, B, N, K) of 
 Router diagnostics (γ statistics and routing consistency) are measured for every loss by default, so runs
 compare on one footing; `--no-router-diagnostics` skips them where the loss does not use γ (RS losses
 and --gamma-min auto always compute it), which is what "RSPO vs GMPO step time" must compare. Each row's
-`seconds` is the RL step alone; held-out evaluation is timed apart (`eval_seconds`). The accuracy in the
+`seconds` is the RL step alone, `rollout_seconds` the part of it spent sampling and rewarding the rollouts;
+held-out evaluation is timed apart (`eval_seconds`). The accuracy in the
 row of step s is the policy's after s RL steps (measured before step s); the final policy, after the last
 step's updates, gets a row of its own at step max_steps.
 
@@ -155,6 +156,7 @@ class RLModule(L.LightningModule):
             row["accuracy"], eval_seconds = self.timed_evaluation()
         started = time.perf_counter()
         minibatches, rollout_stats = self.collect_rollouts(step)
+        rollout_seconds = time.perf_counter() - started  # the rollout's tokens are on the host: no pending GPU work
         # the old policy of every minibatch, scored before any update; the first one's comes from its own
         # first training forward (update(mb, None)), exact because nothing has been updated before it
         old = [None if i == 0 and self.first_minibatch_is_its_own_old else self.score_old(mb)
@@ -169,7 +171,7 @@ class RLModule(L.LightningModule):
             row[name] = torch.stack([u[name] for u in updates]).mean()
         row |= rollout_stats
         row = self.mean_over_ranks(row)
-        row["seconds"] = time.perf_counter() - started
+        row["seconds"], row["rollout_seconds"] = time.perf_counter() - started, rollout_seconds
         if "accuracy" in row:
             row["eval_seconds"] = eval_seconds
         for logger in self.loggers:

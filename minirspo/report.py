@@ -88,6 +88,9 @@ def summary_table(metrics: dict[str, list[float]], title: str) -> Table:
                           f"{_window_mean(metrics[name], False):.3f}")
     steps, seconds = metrics["step"], _finite(metrics.get("seconds", []))
     table.add_row("steps / wall time of RL steps", f"{int(steps[0])}", f"{int(steps[-1])} / {sum(seconds):.0f} s")
+    rollouts = _finite(metrics.get("rollout_seconds", []))
+    if rollouts and sum(seconds):
+        table.add_row("  of which sampling the rollouts", "", f"{sum(rollouts):.0f} s ({sum(rollouts) / sum(seconds):.0%})")
     evaluations = _finite(metrics.get("eval_seconds", []))
     if evaluations:  # timed apart from the RL steps, so that `seconds` compares steps alone
         table.add_row("wall time of held-out evaluation", "", f"{sum(evaluations):.0f} s ({len(evaluations)} evals)")
