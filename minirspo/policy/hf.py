@@ -159,9 +159,10 @@ class ChunkedLogprobLM(nn.Module):
     @torch.no_grad()
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, temperature: float,
                top_p: float, stop_ids: tuple[int, ...], banned_tokens: tuple[int, ...], pad_id: int,
-               generator: torch.Generator | None) -> Tensor:
+               generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """A KV-cache decode after left-padded prompts (B, P) -> the sampled tokens (B, N), N <= max_new_tokens,
-        `pad_id` after each row's first stop token; it ends when every row has stopped.
+        `pad_id` after each row's first stop token, and their mask (B, N), True through that stop token; it ends
+        when every row has stopped.
 
         The loop HF `generate` runs for plain sampling, without its per-step machinery: each step is the
         decoder on one token per row, the head on its last hidden state, and the toy sampler's `pick_tokens`
@@ -173,30 +174,31 @@ class ChunkedLogprobLM(nn.Module):
             raise ValueError("prompts must be left-padded: every row's last prompt position a real token")
         decoder, head = self.lm.get_decoder(), self.lm.get_output_embeddings()
         batch, prompt_len = prompt_ids.shape
-        mask = F.pad(prompt_mask.long(), (0, max_new_tokens), value=1)                    # (B, P + max_new_tokens)
-        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)                                  # (B, P + max_new_tokens)
+        attention = F.pad(prompt_mask.long(), (0, max_new_tokens), value=1)               # (B, P + max_new_tokens)
+        positions = (attention.cumsum(dim=1) - 1).clamp_min(0)                             # (B, P + max_new_tokens)
         cache = GrowingCache()
         uses_cache = {"use_cache": True, _cache_argument(decoder): cache}
         groups = prompt_groups(prompt_ids, prompt_mask)
         first = groups[0] if groups is not None else slice(None)
-        hidden = decoder(input_ids=prompt_ids[first], attention_mask=mask[first, :prompt_len],
+        hidden = decoder(input_ids=prompt_ids[first], attention_mask=attention[first, :prompt_len],
                          position_ids=positions[first, :prompt_len], **uses_cache).last_hidden_state[:, -1]  # (U, D)
         if groups is not None:
             cache.batch_select_indices(groups[1])                                          # (B, H, P, d) per layer
             hidden = hidden[groups[1]]                                                     # (B, D)
         stop = torch.tensor(stop_ids, device=prompt_ids.device)
         alive = torch.ones(batch, dtype=torch.bool, device=prompt_ids.device)             # (B,)
-        tokens = []
+        tokens, masks = [], []
         for step in range(max_new_tokens):
             token = pick_tokens(head(hidden), temperature, top_p, banned_tokens, generator)  # (B,)
             tokens.append(torch.where(alive, token, pad_id))
-            alive &= ~torch.isin(tokens[-1], stop)
+            masks.append(alive)
+            alive = alive & ~torch.isin(tokens[-1], stop)
             if step == max_new_tokens - 1 or not bool(alive.any()):
                 break
             end = prompt_len + step + 1  # the prompt and the tokens so far, the one just sampled included
-            hidden = decoder(input_ids=tokens[-1][:, None], attention_mask=mask[:, :end],
+            hidden = decoder(input_ids=tokens[-1][:, None], attention_mask=attention[:, :end],
                              position_ids=positions[:, end - 1:end], **uses_cache).last_hidden_state[:, -1]  # (B, D)
-        return rearrange(tokens, "n b -> b n")                                             # (B, N)
+        return rearrange(tokens, "n b -> b n"), rearrange(masks, "n b -> b n")             # (B, N) each
 
 
 def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -306,11 +308,9 @@ class HFPolicy(Policy):
         if temperature < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
         self.router.configure(replay=None, freeze=False)  # a replay left by the last `score` must not apply here
-        tokens = self.model.sample(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, stop_ids=self.stop_ids, banned_tokens=self.banned, pad_id=self.pad_id,
-                                   generator=generator)                                    # (B, N)
-        is_stop = torch.isin(tokens, torch.tensor(self.stop_ids, device=tokens.device))   # (B, N)
-        mask = (is_stop.cumsum(dim=1) - is_stop.long()) == 0                               # (B, N) through 1st stop
+        tokens, mask = self.model.sample(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,  # (B, N) each
+                                         temperature=temperature, top_p=top_p, stop_ids=self.stop_ids,
+                                         banned_tokens=self.banned, pad_id=self.pad_id, generator=generator)
         return Samples(tokens, mask)
 
     def score(self, prompt_ids, prompt_mask, tokens, mask, *, routing=None, freeze_router=False,
