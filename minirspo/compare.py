@@ -48,7 +48,7 @@ from rich.progress import Progress  # noqa: E402
 from minirspo.config import parse_config, validate  # noqa: E402
 from minirspo.report import read_metrics, smoothed  # noqa: E402
 from minirspo.warmstart import warm_start, warm_start_dir  # noqa: E402
-from toy_moe.entrypoint import UsageError, fail, quiet_console  # noqa: E402
+from toy_moe.cli import UsageError, fail, quiet_console  # noqa: E402
 
 # What each variant adds to `python -m minirspo.train`; the paper's Countdown study and its baselines.
 VARIANTS = {

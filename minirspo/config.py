@@ -21,7 +21,7 @@ from typing import Annotated, Literal, Sequence, get_args
 import tyro
 
 from minirspo.tasks import TASKS, Task, make_task
-from toy_moe.entrypoint import UsageError, parse_flags
+from toy_moe.cli import UsageError, parse_flags
 from toy_moe.model import ToyMoEConfig
 from toy_moe.pretrain import Accelerator, PretrainConfig, Precision, check_accelerator, name_flags
 

@@ -46,7 +46,7 @@ from minirspo.module import RLModule
 from minirspo.policy import load_policy
 from minirspo.report import merge_metrics, plot_curves, read_metrics, read_rows, summary_table, write_rows
 from minirspo.warmstart import warm_start
-from toy_moe.entrypoint import StepProgressBar, UsageError, fail, quiet_console, write_config
+from toy_moe.cli import StepProgressBar, UsageError, fail, quiet_console, write_config
 
 
 class _Ticks(IterableDataset):

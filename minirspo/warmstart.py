@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from minirspo.config import RLConfig
-from toy_moe.entrypoint import write_config
+from toy_moe.cli import write_config
 from toy_moe.pretrain import PretrainConfig, pretrain
 
 WARM_START_EXAMPLES = 20_000  # (prompt, answer) pairs drawn from the task's train split

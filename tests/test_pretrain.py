@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from minirspo.tasks import ArithmeticTask
 from toy_moe.model import ToyMoE, ToyMoEConfig
-from toy_moe.entrypoint import UsageError, parse_flags
+from toy_moe.cli import UsageError, parse_flags
 from toy_moe.pretrain import (
     PretrainConfig,
     PretrainFlags,

@@ -391,7 +391,7 @@ def test_the_run_writes_its_config_and_config_reruns_it_with_overrides(tiny_chec
 
 def test_a_config_with_every_kind_of_value_round_trips(tmp_path):
     from minirspo.config import parse_config
-    from toy_moe.entrypoint import write_config
+    from toy_moe.cli import write_config
     config = RLConfig(task="countdown", task_options="n_numbers=3,ops=+-", loss="grpo", router_shift=True,
                       gamma_min="auto", clip_low=0.25, clip_high=None, n_prompts=4, minibatch_size=16,
                       temperature=0.7, resume=True, precision="bf16-mixed", strategy="ddp",

@@ -50,7 +50,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from toy_moe.entrypoint import StepProgressBar, UsageError, fail, parse_flags, quiet_console, write_config
+from toy_moe.cli import StepProgressBar, UsageError, fail, parse_flags, quiet_console, write_config
 from toy_moe.generate import generate
 from toy_moe.model import ToyMoE, ToyMoEConfig, ToyMoEOutput
 from toy_moe.tokenizer import RANKS_PATH, ToyTokenizer, load_tokenizer, parse_ranks
