@@ -21,7 +21,7 @@ import torch
 from minirspo.policy.toy import ToyPolicy
 from minirspo.tasks import make_task
 from toy_moe.generate import generate
-from toy_moe.pretrain import load_toy_checkpoint
+from toy_moe.checkpoint import load_toy_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

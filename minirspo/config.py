@@ -302,7 +302,7 @@ def check_model(spec: str) -> None:
         refuse("model", spec, f"{path} is a folder; toy: takes a model.pt file from toy_moe.pretrain")
     if path.stat().st_size == 0:
         refuse("model", spec, f"{path} is empty; toy: takes a model.pt file from toy_moe.pretrain")
-    from toy_moe.pretrain import load_toy_checkpoint
+    from toy_moe.checkpoint import load_toy_checkpoint
     try:
         load_toy_checkpoint(path)
     except Exception as error:  # any failure to unpickle or to fit the model means "not a toy checkpoint"

@@ -9,7 +9,7 @@ from minirspo.compare import PRESETS, ROUTER_FREE, Preset, Run, crash_step, cras
 from minirspo.config import parse_config, validate
 from minirspo.report import read_metrics, smoothed
 from toy_moe.model import ToyMoE, ToyMoEConfig
-from toy_moe.pretrain import save_toy_checkpoint
+from toy_moe.checkpoint import save_toy_checkpoint
 
 TINY = ToyMoEConfig(d_model=32, n_layers=2, n_heads=2, n_experts=4, top_k=2, expert_hidden=32, max_seq_len=64)
 

@@ -7,16 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from minirspo.tasks import ArithmeticTask
-from toy_moe.model import ToyMoE, ToyMoEConfig
+from toy_moe.checkpoint import load_toy_checkpoint, save_toy_checkpoint
 from toy_moe.cli import UsageError, parse_flags
+from toy_moe.model import ToyMoE, ToyMoEConfig
 from toy_moe.pretrain import (
     PretrainConfig,
     PretrainFlags,
-    load_toy_checkpoint,
     main,
     pretrain,
     read_examples,
-    save_toy_checkpoint,
     warmup_cosine,
 )
 from toy_moe.tokenizer import load_tokenizer

@@ -14,7 +14,8 @@ from minirspo.tasks import score
 from minirspo.train import keep_rows_before, main
 from minirspo.warmstart import warm_start
 from toy_moe.model import ToyMoE, ToyMoEConfig
-from toy_moe.pretrain import PretrainConfig, load_toy_checkpoint, save_toy_checkpoint
+from toy_moe.checkpoint import load_toy_checkpoint, save_toy_checkpoint
+from toy_moe.pretrain import PretrainConfig
 from tolerance import assert_close_in_ulps  # tests/tolerance.py: why these bounds hold on any CPU
 
 TINY = ToyMoEConfig(d_model=32, n_layers=2, n_heads=2, n_experts=4, top_k=2, expert_hidden=32, max_seq_len=64)

@@ -9,7 +9,7 @@ router terms `aux_loss_coef * aux_loss + z_loss_coef * z_loss`. AdamW with a lin
 decay. Every `eval_every` steps, greedy decoding on a held-out slice of the examples (their prompts never
 appear in training) gives the exact-match accuracy `val/accuracy`.
 
-Outputs in out_dir: `model.pt` (what the RL loop loads, see `load_toy_checkpoint`), `checkpoints/last.ckpt`
+Outputs in out_dir: `model.pt` (what the RL loop loads, see `toy_moe.checkpoint`), `checkpoints/last.ckpt`
 (for --resume), `logs/version_*/metrics.csv`, and from the command line `config.yaml` (the resolved flags;
 `--config FILE` runs them again, flags after it overriding the file). The console shows one progress bar in
 optimiser steps and a one-line result; --verbose adds Lightning's own messages.
@@ -50,10 +50,11 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from toy_moe.checkpoint import save_toy_checkpoint
 from toy_moe.cli import StepProgressBar, UsageError, fail, parse_flags, quiet_console, write_config
 from toy_moe.generate import generate
 from toy_moe.model import ToyMoE, ToyMoEConfig, ToyMoEOutput
-from toy_moe.tokenizer import RANKS_PATH, ToyTokenizer, load_tokenizer, parse_ranks
+from toy_moe.tokenizer import ToyTokenizer, load_tokenizer
 
 
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]  # Lightning's accelerator names
@@ -254,31 +255,6 @@ class WarmStart(L.LightningModule):
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def save_toy_checkpoint(model: ToyMoE, tokenizer_path: Path | str | None, path: Path | str) -> Path:
-    """A small self-contained `model.pt`: config as a dict, state_dict, and the tokenizer's ranks text."""
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else RANKS_PATH
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    payload = {"config": asdict(model.config), "state_dict": state, "tokenizer_ranks": tokenizer_path.read_text()}
-    torch.save(payload, path)
-    return path
-
-
-def load_toy_checkpoint(path: Path | str) -> tuple[ToyMoE, ToyTokenizer]:
-    """The model (on CPU, in eval mode) and tokenizer that `save_toy_checkpoint` wrote to `path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"toy MoE checkpoint not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = ToyMoE(ToyMoEConfig(**payload["config"]))
-    model.load_state_dict(payload["state_dict"])
-    tokenizer = ToyTokenizer(parse_ranks(payload["tokenizer_ranks"], source=f"{path}:tokenizer_ranks"))
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, model only {model.config.vocab_size}")
-    return model.eval(), tokenizer
 
 
 def progress_metrics(trainer: L.Trainer) -> dict[str, str]:

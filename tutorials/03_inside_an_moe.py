@@ -45,7 +45,8 @@ from minirspo.loss import (group_advantages, policy_loss, router_logprobs_at, ro
 from minirspo.policy import ToyPolicy
 from minirspo.tasks import make_task, score
 from minirspo.warmstart import warm_start
-from toy_moe.pretrain import PretrainConfig, load_toy_checkpoint
+from toy_moe.checkpoint import load_toy_checkpoint
+from toy_moe.pretrain import PretrainConfig
 
 FAST = os.environ.get("MINIRSPO_FAST") == "1"
 HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()  # a notebook runs in its folder

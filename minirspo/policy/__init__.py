@@ -47,6 +47,6 @@ def load_policy(spec: str, *, rollout_engine: str = "hf", logprob_chunk_tokens: 
     check_rollout_engine(rollout_engine, kind)
     if kind == "hf":
         return HFPolicy.from_pretrained(path, logprob_chunk_tokens=logprob_chunk_tokens)
-    from toy_moe.pretrain import load_toy_checkpoint
+    from toy_moe.checkpoint import load_toy_checkpoint
     model, tokenizer = load_toy_checkpoint(path)
     return ToyPolicy(model, tokenizer)
