@@ -20,6 +20,8 @@ from typing import Annotated, Literal, Sequence, get_args
 
 import tyro
 
+from minirspo.rollout import (ROLLOUT_ENGINES, ROLLOUT_PRECISIONS, RolloutEngineName, RolloutPrecision,
+                              check_rollout_engine)
 from minirspo.tasks import TASKS, Task, make_task
 from toy_moe.cli import UsageError, parse_flags
 from toy_moe.model import ToyMoEConfig
@@ -28,8 +30,10 @@ from toy_moe.pretrain import Accelerator, PretrainConfig, Precision, check_accel
 TaskName = Literal["arithmetic", "countdown"]          # minirspo.tasks.TASKS
 LossName = Literal["grpo", "gspo", "gmpo", "rspo"]     # minirspo.loss
 Strategy = Literal["auto", "ddp", "fsdp", "fsdp2"]     # minirspo.distributed
-RolloutEngine = Literal["hf", "vllm"]                  # minirspo.policy.check_rollout_engine
-LOSS_NAMES, STRATEGIES, ROLLOUT_ENGINES = get_args(LossName), get_args(Strategy), get_args(RolloutEngine)
+GammaReference = Literal["old", "rollout"]             # minirspo.module RLModule.router_shift
+OldLogprobs = Literal["trainer", "rollout"]            # minirspo.module RLModule.old_policies
+CorrectionLevel = Literal["none", "token", "sequence"]  # minirspo.loss truncated_is_weights, rollout_keep_mask
+LOSS_NAMES, STRATEGIES, CORRECTION_LEVELS = get_args(LossName), get_args(Strategy), get_args(CorrectionLevel)
 
 
 @dataclass
@@ -68,7 +72,27 @@ class LossSection:
     scale_advantages: bool = False
     """divide each group's advantages by its reward std (GRPO); off: Â = r − mean (Dr. GRPO, Liu et al. 2025)"""
     routing_replay: bool = False
-    """the training forward reuses the rollout's experts (the paper's routing-replay baseline)"""
+    """R2, the paper's routing-replay baseline: every update routes each token to π_old's experts (the
+    trainer's own scoring of the rollout before the updates), not to the experts the rollout's sampler chose"""
+    rollout_routing_replay: bool = False
+    """R3 (arXiv 2510.11370, slime's name): π_old's scoring and every update route each token to the experts
+    the rollout's sampler (μ) chose; the gates still come from the trainer's router, so it still learns"""
+    gamma_reference: GammaReference = "old"
+    """RS's γ measured on π_old's top-K experts against π_old's router (the paper), or on the rollout's top-K
+    against μ's router log-probs (rollout)"""
+    old_logprobs: OldLogprobs = "trainer"
+    """trainer: π_old is the trainer's scoring of the rollout before the updates; rollout: μ's recorded
+    log-probs and routing stand in for π_old and that forward is skipped (verl's bypass mode)"""
+    rollout_is: CorrectionLevel = "none"
+    """truncated importance sampling against the rollout (TIS, verl rollout_is): a stop-gradient weight
+    min(π_old/μ, C) per token, or min(Π_t π_old/μ, C) per sequence; token level is GRPO's only"""
+    rollout_is_cap: float = 2.0
+    """C, the TIS cap (verl's default rollout_is_threshold)"""
+    rollout_mask: CorrectionLevel = "none"
+    """masked importance sampling (MIS / IcePop): tokens, or whole sequences by their geometric-mean ratio,
+    whose π_old/μ lies outside --rollout-mask-bounds get no gradient"""
+    rollout_mask_bounds: tuple[float, float] = (0.5, 2.0)
+    """LOW HIGH of --rollout-mask: a token is kept when LOW <= π_old/μ <= HIGH (0.5 2: off by 2x either way)"""
     freeze_router: bool = False
     """router weights get no gradient (the paper's other stabiliser)"""
     aux_loss_coef: float = 0.0
@@ -91,6 +115,10 @@ class RolloutSection:
     """sampling temperature, >= 0 (0: greedy); 0.7 learned faster than 1.0 from a 10% start (docs/default_run.md)"""
     top_p: float = 1.0
     """nucleus sampling mass, in (0, 1]"""
+    rollout_precision: RolloutPrecision = "32"
+    """the sampler's copy of the weights (minirspo.rollout): 32 samples with the trainer's own model (no copy);
+    bf16 / fp16 a copy of every weight in that dtype; fp8 the matrices as float8 e4m3 with per-channel scales,
+    computed in bf16 (emulated on a CPU); refreshed after every RL step's updates, never checkpointed"""
     # From a 10% start most groups are flat, and RL makes more of them so (docs/default_run.md).
     resample_rounds: int = 3
     """DAPO's dynamic sampling: up to this many more rounds of fresh prompts replace groups with equal rewards"""
@@ -156,7 +184,7 @@ class ScaleSection:
     """machines"""
     activation_checkpointing: bool = False
     """recompute each decoder layer in backward: memory for about 1/3 more compute"""
-    rollout_engine: RolloutEngine = "hf"
+    rollout_engine: RolloutEngineName = "hf"
     """hf: a KV-cache decode loop over the model itself (HFPolicy.generate); vllm is reserved"""
     logprob_chunk_tokens: int = 4096
     """LM-head tokens per log-prob chunk: float32 logits peak at chunk × V × 4 bytes (4096 × 32k: 0.5 GB)"""
@@ -195,6 +223,17 @@ class RLConfig(WarmStartSection, ScaleSection, RunSection, UpdateSection, Rollou
     @property
     def uses_router_shift(self) -> bool:
         return self.loss == "rspo" or self.router_shift
+
+    @property
+    def rollout_record(self) -> str:
+        """What the rollout's sampler must record (`Policy.generate`): every position's experts for R3; log μ and
+        the response tokens' routing for a low-precision copy (the mismatch metrics) or anything that reads μ;
+        nothing at precision 32 otherwise (μ is then π_old up to float noise, and recording costs ~13%)."""
+        if self.rollout_routing_replay:
+            return "routing"
+        reads_rollout = (self.rollout_is != "none" or self.rollout_mask != "none" or self.old_logprobs == "rollout"
+                         or self.gamma_reference == "rollout")
+        return "tokens" if reads_rollout or self.rollout_precision != "32" else "none"
 
     @property
     def updates_per_step(self) -> int:
@@ -247,6 +286,7 @@ def check_values(config: RLConfig) -> None:
         refuse("gamma_min", config.gamma_min, "expected a number in (0, 1] or auto")
     if not 0 < config.gamma_floor_share < 1:
         refuse("gamma_floor_share", config.gamma_floor_share, "expected a number in (0, 1)")
+    check_rollout_options(config)
     options = [option for option in config.task_options.split(",") if option.strip()]
     if any("=" not in option for option in options):
         refuse("task_options", config.task_options, "expected key=value,key=value")
@@ -259,6 +299,47 @@ def check_values(config: RLConfig) -> None:
         config.build_task()
     except (TypeError, ValueError) as error:
         refuse("task_options", config.task_options, str(error))
+
+
+def check_rollout_options(config: RLConfig) -> None:
+    """The behaviour policy's precision and the corrections against it (docs/rspo.md, "Rollout corrections"):
+    each combination that means nothing is refused here, before any work."""
+    for name, choices in (("rollout_precision", ROLLOUT_PRECISIONS), ("rollout_is", CORRECTION_LEVELS),
+                          ("rollout_mask", CORRECTION_LEVELS), ("gamma_reference", get_args(GammaReference)),
+                          ("old_logprobs", get_args(OldLogprobs))):
+        if getattr(config, name) not in choices:
+            refuse(name, getattr(config, name), f"choose one of {', '.join(choices)}")
+    if not config.rollout_is_cap > 0:
+        refuse("rollout_is_cap", config.rollout_is_cap, "expected a number > 0")
+    bounds = config.rollout_mask_bounds
+    if len(bounds) != 2 or not 0 < bounds[0] <= 1 <= bounds[1]:
+        refuse("rollout_mask_bounds", bounds, "expected LOW HIGH with 0 < LOW <= 1 <= HIGH (a ratio of 1 is kept)")
+    if config.rollout_is == "token" and config.loss != "grpo":
+        refuse("rollout_is", "token", f"{config.loss} is a sequence-level objective with no per-token term for a "
+                                      "token weight to multiply; use --rollout-is sequence (or --loss grpo)")
+    if config.routing_replay and config.rollout_routing_replay:
+        refuse("rollout_routing_replay", True, "it replays the rollout's experts, --routing-replay π_old's: "
+                                               "choose one")
+    if config.old_logprobs == "rollout":
+        for name in ("rollout_is", "rollout_mask"):
+            if getattr(config, name) != "none":
+                refuse(name, getattr(config, name), "with --old-logprobs rollout π_old is μ, so π_old/μ = 1 and "
+                                                    "there is nothing to correct; use none")
+        if config.routing_replay:
+            refuse("routing_replay", True, "with --old-logprobs rollout there is no π_old scoring to replay; "
+                                           "use --rollout-routing-replay")
+    uses_rollout_logprobs = config.rollout_is != "none" or config.rollout_mask != "none" or config.old_logprobs == "rollout"
+    if uses_rollout_logprobs and config.top_p < 1:
+        refuse("top_p", config.top_p, "the rollout's log μ is recorded before top-p truncation, as π_old is scored, "
+                                      "so π_old/μ would not correct for the truncated sampler; use 1 with "
+                                      "--rollout-is, --rollout-mask or --old-logprobs rollout")
+    if uses_rollout_logprobs and config.temperature == 0:
+        refuse("temperature", 0, "greedy rollouts have no sampling distribution to correct for; use a number > 0")
+    if config.rollout_precision != "32" and config.strategy in ("fsdp", "fsdp2"):
+        refuse("rollout_precision", config.rollout_precision, "a low-precision rollout copy of a sharded model is not "
+                                                              "supported yet; use 32, or --strategy ddp")
+    if config.rollout_engine != "hf" and config.rollout_precision != "32":
+        refuse("rollout_precision", config.rollout_precision, "it picks the built-in decode's copy; use 32")
 
 
 def validate(config: RLConfig) -> None:
@@ -276,7 +357,6 @@ def validate(config: RLConfig) -> None:
                          "from; start without --resume, or give the --out of an earlier run")
     if config.model:
         check_model(config.model)
-    from minirspo.policy import check_rollout_engine
     try:
         check_rollout_engine(config.rollout_engine, config.model.partition(":")[0] or "toy")
     except (ValueError, ModuleNotFoundError) as error:

@@ -15,6 +15,13 @@ The equations, notation and defaults with their sources are in docs/rspo.md; in 
     GMPO  J = mean_i  Â_i exp((1/|y_i|) Σ_t ℓ̂_t),  ℓ̂ = min(log w̃, ε_hi) if Â>0, max(log w̃, −ε_lo) if Â<0
     RSPO  = GMPO with RS on.                      Every returned loss is −J, to minimise.
 
+Against the behaviour policy μ that sampled the tokens (an engine's low-precision copy, minirspo.rollout), with
+δ_t = log π_old(y_t) − log μ(y_t): truncated importance sampling (TIS) weights min(e^δ_t, C) per token or
+min(e^{Σ_t δ_t}, C) per sequence, and masked importance sampling (MIS / IcePop) keeping a token (or a sequence,
+by its geometric-mean ratio e^{mean_t δ_t}) only inside [low, high]. Both are stop-gradient weights: GRPO takes
+a (B, T) `weight` on its per-token terms, GSPO/GMPO/RSPO a (B,) `weight` on each sequence's term
+(docs/rspo.md, "Rollout corrections", says where each enters and why).
+
 Notation: B sequences (groups of G contiguous responses), T tokens, L MoE layers, E experts per layer,
 K experts activated per token. Only torch is imported: the loss knows nothing about models.
 
@@ -31,6 +38,7 @@ Where the code departs from the paper's letter, and why (docs/rspo.md lists thes
 - `router_logprobs_at` (used by `router_shift_ratio`) works one layer at a time, so its float32 temporaries are (B, T, E) for one
   layer, never a second (L, B, T, E) tensor beside the router logits.
 """
+import math
 from typing import NamedTuple
 
 import torch
@@ -157,63 +165,67 @@ def routing_consistency(router_logits: Tensor, old_topk_idx: Tensor, mask: Tenso
 
 def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               router_shift: Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
-              gamma_min: float = 0.8) -> LossOutput:
+              gamma_min: float = 0.8, weight: Tensor | None = None) -> LossOutput:
     """GRPO (+RS): token-level PPO clip, each sequence averaged over its own tokens.
 
-    J = (1/B) Σ_i (1/|y_i|) Σ_t min(w̃ Â_i, clip(w̃, 1−ε_low, 1+ε_high) Â_i)
+    J = (1/B) Σ_i (1/|y_i|) Σ_t ρ_t min(w̃ Â_i, clip(w̃, 1−ε_low, 1+ε_high) Â_i)
+    ρ (B, T) = `weight` (stop-gradient; a rollout correction, 1 when None) multiplies each clipped token term.
     """
     batch = _prepare(logprobs, old_logprobs, advantages, mask, router_shift, gamma_min)
     ratio = batch.shifted.exp()                                                    # (B, T)
     low, high = _one_sided_bounds(batch.advantages, 1.0 - clip_low, 1.0 + clip_high)  # (B, 1) each
     per_token = batch.advantages[:, None] * ratio.clamp(min=low, max=high)        # (B, T)
+    if weight is not None:
+        per_token = per_token * _check_weight(weight, tuple(logprobs.shape))
     objective = _masked_mean(per_token, batch.weight).mean()
     return _output(objective, batch, ratio, _clip_counts(ratio, low, high, batch.weight))
 
 
 def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               router_shift: Tensor | None = None, clip_low: float = 3e-4, clip_high: float = 4e-4,
-              gamma_min: float = 0.8) -> LossOutput:
+              gamma_min: float = 0.8, weight: Tensor | None = None) -> LossOutput:
     """GSPO (+RS): one length-normalised ratio per sequence, clipped per sequence (arXiv 2507.18071).
 
-    s_i = exp((1/|y_i|) Σ_t log w̃_t);  J = (1/B) Σ_i min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i)
+    s_i = exp((1/|y_i|) Σ_t log w̃_t);  J = (1/B) Σ_i ρ_i min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i)
+    ρ (B,) = `weight`, a stop-gradient sequence weight (1 when None).
     """
     batch = _prepare(logprobs, old_logprobs, advantages, mask, router_shift, gamma_min)
     has_tokens = batch.weight.amax(dim=1)                                          # (B,) 1.0 or 0.0
     seq_ratio = _masked_mean(batch.shifted, batch.weight).exp()                    # (B,)
     low, high = _one_sided_bounds(batch.advantages, 1.0 - clip_low, 1.0 + clip_high)  # (B, 1) each
     clipped = seq_ratio.clamp(min=low[:, 0], max=high[:, 0])                       # (B,)
-    objective = (batch.advantages * clipped * has_tokens).mean()
+    objective = (batch.advantages * clipped * has_tokens * _sequence_weight(weight, shape=(len(logprobs),))).mean()
     clip_counts = _clip_counts(seq_ratio, low[:, 0], high[:, 0], has_tokens)
     return _output(objective, batch, seq_ratio, clip_counts, ratio_weight=has_tokens)
 
 
 def gmpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               router_shift: Tensor | None = None, clip_low: float = 0.4, clip_high: float = 0.4,
-              gamma_min: float = 0.8) -> LossOutput:
+              gamma_min: float = 0.8, weight: Tensor | None = None) -> LossOutput:
     """GMPO (+RS): geometric mean of token ratios with a token-level clip in log space (arXiv 2507.20673).
 
     ℓ̂_t = min(log w̃_t, ε_high) if Â_i > 0, max(log w̃_t, −ε_low) if Â_i < 0
-    J = (1/B) Σ_i Â_i exp((1/|y_i|) Σ_t ℓ̂_t)
+    J = (1/B) Σ_i ρ_i Â_i exp((1/|y_i|) Σ_t ℓ̂_t),   ρ (B,) = `weight`, stop-gradient (1 when None)
     """
     batch = _prepare(logprobs, old_logprobs, advantages, mask, router_shift, gamma_min)
     low, high = _one_sided_bounds(batch.advantages, -clip_low, clip_high)         # (B, 1) each
     clipped = batch.shifted.clamp(min=low, max=high)                               # (B, T)
     has_tokens = batch.weight.amax(dim=1)                                          # (B,) 1.0 or 0.0
     seq_ratio = _masked_mean(clipped, batch.weight).exp()                          # (B,)
-    objective = (batch.advantages * seq_ratio * has_tokens).mean()
+    objective = (batch.advantages * seq_ratio * has_tokens * _sequence_weight(weight, shape=(len(logprobs),))).mean()
     clip_counts = _clip_counts(batch.shifted, low, high, batch.weight)
     return _output(objective, batch, batch.shifted.exp(), clip_counts)
 
 
 def rspo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               router_shift: Tensor | None = None, clip_low: float = 0.4, clip_high: float = 0.4,
-              gamma_min: float = 0.8) -> LossOutput:
+              gamma_min: float = 0.8, weight: Tensor | None = None) -> LossOutput:
     """RSPO = GMPO + router-shift weighting; `router_shift` is required (from `router_shift_ratio`)."""
     if router_shift is None:
         raise ValueError("rspo_loss needs router_shift (B, T) from router_shift_ratio(...): RSPO is GMPO "
                          "with router-shift weighting; use gmpo_loss for GMPO without it")
     return gmpo_loss(logprobs, old_logprobs, advantages, mask, router_shift=router_shift,
-                     clip_low=clip_low, clip_high=clip_high, gamma_min=gamma_min)
+                     clip_low=clip_low, clip_high=clip_high, gamma_min=gamma_min, weight=weight)
 
 
 LOSSES = {"grpo": grpo_loss, "gspo": gspo_loss, "gmpo": gmpo_loss, "rspo": rspo_loss}
@@ -227,8 +239,99 @@ def policy_loss(name: str, **kwargs) -> LossOutput:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Rollout corrections: the behaviour policy μ against π_old
+# ---------------------------------------------------------------------------------------------------
+
+def rollout_log_ratio(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """δ (B, T) = log π_old − log μ of each sampled token, float32, 0 at padding, detached."""
+    if tuple(rollout_logprobs.shape) != tuple(old_logprobs.shape) or old_logprobs.ndim != 2:
+        raise ValueError(f"old_logprobs and rollout_logprobs must both be (B, T), got {tuple(old_logprobs.shape)} "
+                         f"and {tuple(rollout_logprobs.shape)}")
+    mask = _as_bool_mask(mask, tuple(old_logprobs.shape), "mask")
+    return torch.where(mask, old_logprobs.detach().float() - rollout_logprobs.detach().float(), 0.0)
+
+
+def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *, level: str = "token",
+                         cap: float = 2.0) -> Tensor:
+    """Truncated importance sampling (TIS; verl `rollout_is`, TRL `vllm_importance_sampling_mode`): (B, T)
+    float32 weights, detached, 0 at padding.
+
+    token:    ρ_t = min(π_old(y_t) / μ(y_t), C)
+    sequence: ρ_i = min(Π_t π_old(y_t) / μ(y_t), C) on every valid token of row i
+    Computed as exp(min(log-ratio, log C)), so a product of many large ratios never overflows.
+    """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    delta = rollout_log_ratio(old_logprobs, rollout_logprobs, mask)                 # (B, T)
+    valid = mask.bool()
+    if level == "sequence":
+        delta = delta.sum(dim=1, keepdim=True).expand_as(delta)                      # (B, T)
+    return torch.where(valid, delta.clamp(max=math.log(cap)).exp(), 0.0)
+
+
+def rollout_keep_mask(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *, level: str = "token",
+                      low: float = 0.5, high: float = 2.0) -> Tensor:
+    """Masked importance sampling (MIS; IcePop): (B, T) bool, True on the valid tokens that keep their gradient.
+
+    token:    keep y_t when low <= π_old(y_t) / μ(y_t) <= high
+    sequence: keep every token of row i when low <= exp(mean_t log π_old / μ) <= high (its geometric-mean ratio)
+    Compared in log space; a row without valid tokens keeps nothing.
+    """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+    if not 0 < low <= high:
+        raise ValueError(f"need 0 < low <= high, got low={low}, high={high}")
+    delta = rollout_log_ratio(old_logprobs, rollout_logprobs, mask)                 # (B, T)
+    valid = mask.bool()
+    if level == "sequence":
+        delta = _masked_mean(delta, valid.float())[:, None].expand_as(delta)         # (B, T)
+    return valid & (delta >= math.log(low)) & (delta <= math.log(high))
+
+
+@torch.no_grad()
+def rollout_mismatch_metrics(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor,
+                             router_logits: Tensor | None = None,
+                             rollout_topk_idx: Tensor | None = None) -> dict[str, Tensor]:
+    """How far the behaviour policy μ is from π_old on one batch of valid tokens:
+
+    rollout_logprob_diff_mean / _max   mean and max of |log π_old − log μ|
+    rollout_kl                         k3 estimate of KL(μ ‖ π_old): (r − 1) − log r, r = π_old / μ, mean over tokens
+    rollout_routing_mismatch           share of (token, MoE layer) pairs whose top-K set under π_old's own router,
+                                       router_logits (L, B, T, E), differs from the rollout's, rollout_topk_idx (L, B, T, K)
+    rollout_tokens_flipped             share of tokens with at least one such layer
+    The routing pair is only computed when both router tensors are given (and L > 0).
+    """
+    delta = rollout_log_ratio(old_logprobs, rollout_logprobs, mask)                 # (B, T)
+    weight = mask.float()                                                           # (B, T)
+    n_valid = weight.sum().clamp(min=1)
+    metrics = {"rollout_logprob_diff_mean": _weighted_sum(delta.abs(), weight) / n_valid,
+               "rollout_logprob_diff_max": delta.abs().amax() if delta.numel() else delta.new_zeros(()),
+               "rollout_kl": _weighted_sum(torch.expm1(delta) - delta, weight) / n_valid}
+    if router_logits is not None and rollout_topk_idx is not None and router_logits.shape[0] > 0:
+        top_k = rollout_topk_idx.shape[-1]
+        own = router_logits.topk(top_k, dim=-1).indices.sort(dim=-1).values          # (L, B, T, K)
+        differs = (own != rollout_topk_idx.sort(dim=-1).values).any(dim=-1) & mask.bool()  # (L, B, T)
+        metrics["rollout_routing_mismatch"] = differs.float().sum() / (n_valid * differs.shape[0])
+        metrics["rollout_tokens_flipped"] = differs.any(dim=0).float().sum() / n_valid
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------------
+
+def _check_weight(weight: Tensor, shape: tuple) -> Tensor:
+    if tuple(weight.shape) != tuple(shape):
+        raise ValueError(f"weight must have shape {tuple(shape)}, got {tuple(weight.shape)}")
+    return weight.detach().float()
+
+
+def _sequence_weight(weight: Tensor | None, shape: tuple) -> Tensor | float:
+    """A sequence-level loss's per-sequence weight (B,), detached float32; 1.0 when there is none."""
+    return 1.0 if weight is None else _check_weight(weight, shape)
+
 
 class _Batch(NamedTuple):
     weight: Tensor      # (B, T) float32, 1.0 on valid tokens: masking by product is cheaper than by where

@@ -46,21 +46,22 @@ from typing import NamedTuple
 import lightning as L
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 from torch.distributed.tensor import DTensor
 
 from minirspo.config import RLConfig
 from minirspo.distributed import clip_grad_norm, parallelize
-from minirspo.loss import (group_advantages, policy_loss, router_logprobs_at, router_shift_metrics,
-                           router_shift_ratio, routing_consistency, zero_variance_groups)
-from minirspo.policy import Policy
+from minirspo.loss import (group_advantages, policy_loss, rollout_keep_mask, rollout_mismatch_metrics,
+                           router_logprobs_at, router_shift_metrics, router_shift_ratio, routing_consistency,
+                           truncated_is_weights, zero_variance_groups)
+from minirspo.policy import Policy, Samples
+from minirspo.rollout import join_rollouts, make_engine, rows_of
 from minirspo.tasks import REWARD_CORRECT, Problem, Task, score
 
 
 class Group(NamedTuple):
     problem: Problem
-    responses: list[Tensor]  # G × (n_i,) sampled token ids, up to and including the stop token
-    rewards: Tensor          # (G,)
+    samples: Samples  # G rows: tokens (G, N_r) up to and including the stop token, and what the sampler recorded
+    rewards: Tensor   # (G,)
 
     @property
     def is_flat(self) -> bool:
@@ -74,6 +75,7 @@ class Minibatch(NamedTuple):
     tokens: Tensor       # (M, N)
     mask: Tensor         # (M, N) bool, valid response tokens
     advantages: Tensor   # (M,)
+    rollout: Samples     # the same M rows as the sampler recorded them (log μ, its routing), where it recorded them
 
 
 class OldPolicy(NamedTuple):
@@ -84,6 +86,7 @@ class OldPolicy(NamedTuple):
     topk_logprobs: Tensor | None  # (L, M, N, K) π_old's router log-probs at those experts (None: no γ)
     routing: Tensor | None        # (L, M, S, K) π_old's experts at every position (None: no routing replay)
     ref_logprobs: Tensor | None   # (M, N) reference-model log-probs when kl_coef > 0
+    rollout_mismatch: dict[str, Tensor]  # μ against π_old on this minibatch (loss.rollout_mismatch_metrics), or {}
 
 
 AUTO_GAMMA_MIN_START = 0.8           # --gamma-min auto starts at the fixed default
@@ -100,10 +103,11 @@ class RLModule(L.LightningModule):
     def __init__(self, policy: Policy, config: RLConfig):
         super().__init__()
         if not policy.is_moe and (config.uses_router_shift or config.routing_replay or config.freeze_router
-                                  or config.router_lr_scale != 1.0):
+                                  or config.router_lr_scale != 1.0 or config.rollout_routing_replay
+                                  or config.gamma_reference == "rollout"):
             raise ValueError("this model is dense (it has no MoE layers, so no router logits): --loss rspo, "
-                             "--router-shift, --routing-replay, --freeze-router and --router-lr-scale all need "
-                             "an MoE router")
+                             "--router-shift, --routing-replay, --rollout-routing-replay, --gamma-reference rollout, "
+                             "--freeze-router and --router-lr-scale all need an MoE router")
         self.automatic_optimization = False
         self.policy, self.config = policy, config
         self.model = policy.model.train()  # checkpoints load in eval mode; generation toggles it per call
@@ -117,9 +121,11 @@ class RLModule(L.LightningModule):
         # γ is computed where the loss or the adaptive floor needs it, and for the diagnostics unless they are off
         self.measures_router_shift = policy.is_moe and (config.uses_router_shift or config.gamma_min == "auto"
                                                         or config.router_diagnostics)
-        # Routing replay feeds the old routing into the training forward, so that forward cannot be its own
-        # old policy; every other configuration trains the first minibatch from the parameters it was sampled with.
-        self.first_minibatch_is_its_own_old = not config.routing_replay
+        # R2 feeds π_old's routing into the training forward, so that forward cannot be its own old policy, and
+        # --old-logprobs rollout has μ for every minibatch; otherwise (R3 included: its routing comes from the
+        # rollout) the first minibatch trains from the parameters π_old scores with, so its forward is π_old.
+        self.first_minibatch_is_its_own_old = not config.routing_replay and config.old_logprobs == "trainer"
+        self.engine = make_engine(policy, config.rollout_engine, config.rollout_precision)  # the behaviour policy μ
         self.on_policy_old: OldPolicy | None = None
         self.reference = None
         if config.kl_coef > 0:  # the KL anchor is the policy as it was when RL started
@@ -169,6 +175,9 @@ class RLModule(L.LightningModule):
                     old[i], self.on_policy_old = self.on_policy_old, None
         for name in updates[0]:
             row[name] = torch.stack([u[name] for u in updates]).mean()
+        for name in old[0].rollout_mismatch:  # over the step's minibatches: the mean of means, the max of maxima
+            values = torch.stack([o.rollout_mismatch[name] for o in old])
+            row[name] = values.amax() if name.endswith("_max") else values.mean()
         row |= rollout_stats
         row = self.mean_over_ranks(row)
         row["seconds"], row["rollout_seconds"] = time.perf_counter() - started, rollout_seconds
@@ -202,12 +211,15 @@ class RLModule(L.LightningModule):
         filtered batch."""
         cfg, policy = self.config, self.policy
         world, rank = self.trainer.world_size, self.global_rank
+        started = time.perf_counter()
+        self.engine.sync()  # the trainer's weights after the last step's updates (or a resume) reach the sampler
+        stats = {"rollout_sync_seconds": torch.tensor(time.perf_counter() - started)}
         if cfg.n_prompts % world or cfg.minibatch_size % world:
             raise ValueError(f"n_prompts={cfg.n_prompts} and minibatch_size={cfg.minibatch_size} must split "
                              f"evenly over {world} processes")
         per_rank, G = cfg.n_prompts // world, cfg.group_size
         generator = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, step) + rank)
-        groups, spare, stats = [], [], {}   # spare: informative groups of later rounds, in sampling order
+        groups, spare = [], []   # spare: informative groups of later rounds, in sampling order
         for round_ in range(1 + cfg.resample_rounds):
             # round 0 draws the prompts a run without resampling draws; later rounds draw fresh ones
             problems = self.task.sample(cfg.n_prompts, seed=step_seed(cfg.seed, step) + round_ * 2**40,
@@ -216,8 +228,8 @@ class RLModule(L.LightningModule):
             if round_ == 0:
                 groups = sampled
                 rewards = torch.cat([group.rewards for group in groups])                   # (B,)
-                stats = {"reward_mean": rewards.mean(),
-                         "zero_variance_frac": zero_variance_groups(rewards, G) / len(problems)}
+                stats |= {"reward_mean": rewards.mean(),
+                          "zero_variance_frac": zero_variance_groups(rewards, G) / len(problems)}
             else:
                 spare += [group for group in sampled if not group.is_flat]
             flat = sum(group.is_flat for group in groups)
@@ -230,14 +242,13 @@ class RLModule(L.LightningModule):
 
         problems = [group.problem for group in groups for _ in range(G)]
         prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in problems])       # (B, P)
-        responses = [response for group in groups for response in group.responses]         # B × (n_i,)
-        tokens = pad_sequence(responses, batch_first=True)                                 # (B, N); 0 where masked
-        mask = pad_sequence([torch.ones_like(r, dtype=torch.bool) for r in responses], batch_first=True)  # (B, N)
+        rollout = join_rollouts([group.samples for group in groups], prompt_ids.shape[1])  # (B, N); 0 where masked
+        tokens, mask = torch.where(rollout.mask, rollout.tokens, 0), rollout.mask          # (B, N) each
         rewards = torch.cat([group.rewards for group in groups])                           # (B,)
         advantages = group_advantages(rewards, G, normalize_std=cfg.scale_advantages)     # (B,)
         size = cfg.minibatch_size // world
         minibatches = [Minibatch(prompt_ids[i:i + size], prompt_mask[i:i + size], tokens[i:i + size],
-                                 mask[i:i + size], advantages[i:i + size])
+                                 mask[i:i + size], advantages[i:i + size], rows_of(rollout, slice(i, i + size)))
                        for i in range(0, len(problems), size)]
         stats["response_len"] = mask.sum(dim=1).float().mean()
         return minibatches, stats
@@ -248,43 +259,50 @@ class RLModule(L.LightningModule):
         cfg, policy = self.config, self.policy
         repeated = [p for p in problems for _ in range(cfg.group_size)]
         prompt_ids, prompt_mask = policy.encode_prompts([p.prompt for p in repeated])      # (B, P)
-        self.model.eval()
-        rollout = policy.generate(prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
-        self.model.train()
+        rollout = self.engine.sample(prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                                     temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
+                                     record=cfg.rollout_record)
         rewards = score(self.task, repeated, policy.decode_responses(rollout.tokens, rollout.mask))
         rewards = rewards.to(self.device).view(len(problems), cfg.group_size)             # (B/G, G)
-        responses = [row[valid] for row, valid in zip(rollout.tokens, rollout.mask)]       # B × (n_i,)
-        return [Group(problem, responses[i * cfg.group_size:(i + 1) * cfg.group_size], rewards[i])
+        G = cfg.group_size
+        return [Group(problem, rows_of(rollout, slice(i * G, (i + 1) * G)), rewards[i])
                 for i, problem in enumerate(problems)]
 
     @torch.no_grad()
     def score_old(self, mb: Minibatch) -> OldPolicy:
-        scores = self.policy.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
-                                   temperature=self.config.temperature)
+        """π_old of a minibatch: the trainer's scoring before any update (R3: on the rollout's experts), or
+        with --old-logprobs rollout what the sampler recorded, with no forward (verl's bypass mode)."""
         ref_logprobs = None
         if self.reference is not None:
             ref_logprobs = self.reference.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
                                                 temperature=self.config.temperature).logprobs
-        return self.as_old_policy(scores, ref_logprobs)
+        if self.config.old_logprobs == "rollout":
+            return OldPolicy(mb.rollout.logprobs, mb.rollout.topk_idx, mb.rollout.topk_logprobs, None, ref_logprobs, {})
+        scores = self.policy.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
+                                   routing=mb.rollout.routing, temperature=self.config.temperature)
+        return self.as_old_policy(scores, ref_logprobs, mb)
 
     @torch.no_grad()
-    def as_old_policy(self, scores, ref_logprobs: Tensor | None) -> OldPolicy:
+    def as_old_policy(self, scores, ref_logprobs: Tensor | None, mb: Minibatch) -> OldPolicy:
         """What later updates compare with, from a scoring forward (detached), keeping router state only
-        where it is used (`OldPolicy`)."""
+        where it is used (`OldPolicy`), and how far the rollout's sampler μ was from it."""
         topk_idx = topk_logprobs = None
         if self.measures_router_shift:
             topk_idx = scores.topk_idx.clone(memory_format=torch.contiguous_format)  # (L, M, N, K): a view would keep S
             topk_logprobs = router_logprobs_at(scores.router_logits.detach(), topk_idx)     # (L, M, N, K)
         routing = scores.routing if self.config.routing_replay else None                   # (L, M, S, K)
-        return OldPolicy(scores.logprobs.detach(), topk_idx, topk_logprobs, routing, ref_logprobs)
+        mismatch = {}
+        if mb.rollout.logprobs is not None:  # routing against the trainer's own router, before any replay
+            mismatch = rollout_mismatch_metrics(scores.logprobs, mb.rollout.logprobs, mb.mask,
+                                                scores.router_logits, mb.rollout.topk_idx)
+        return OldPolicy(scores.logprobs.detach(), topk_idx, topk_logprobs, routing, ref_logprobs, mismatch)
 
     def update(self, mb: Minibatch, old: OldPolicy | None) -> dict[str, Tensor]:
         """One optimiser step on `mb`. `old` None: `mb` is on-policy and this forward is its old policy,
         left in `self.on_policy_old` for the step's later epochs."""
         cfg = self.config
-        scores = self.policy.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
-                                   routing=old.routing if cfg.routing_replay else None,
+        replay = old.routing if cfg.routing_replay else mb.rollout.routing  # R2, R3 (None unless recorded), or None
+        scores = self.policy.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask, routing=replay,
                                    freeze_router=cfg.freeze_router, temperature=cfg.temperature)
         if old is None:
             ref_logprobs = None
@@ -292,11 +310,12 @@ class RLModule(L.LightningModule):
                 with torch.no_grad():
                     ref_logprobs = self.reference.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
                                                         temperature=cfg.temperature).logprobs
-            old = self.on_policy_old = self.as_old_policy(scores, ref_logprobs)
-        gamma, router_metrics = self.router_shift(scores, old, mb.mask)
+            old = self.on_policy_old = self.as_old_policy(scores, ref_logprobs, mb)
+        gamma, router_metrics = self.router_shift(scores, old, mb)
+        mask, weight, correction_metrics = self.rollout_correction(old, mb)
         out = policy_loss(cfg.loss, logprobs=scores.logprobs, old_logprobs=old.logprobs,
-                          advantages=mb.advantages, mask=mb.mask, gamma_min=float(self.gamma_floor),
-                          router_shift=gamma if cfg.uses_router_shift else None, **self.clip)
+                          advantages=mb.advantages, mask=mask, gamma_min=float(self.gamma_floor),
+                          router_shift=gamma if cfg.uses_router_shift else None, weight=weight, **self.clip)
         loss = out.loss + cfg.aux_loss_coef * scores.aux_loss if cfg.aux_loss_coef else out.loss  # no 0·aux backward
         metrics = {"loss": out.loss.detach(), "aux_loss": scores.aux_loss.detach()}
         if old.ref_logprobs is not None:
@@ -320,19 +339,50 @@ class RLModule(L.LightningModule):
             "clip_frac": out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"],
             "entropy": (scores.entropy * weight).sum() / weight.sum().clamp(min=1),
             "grad_norm": grad_norm.detach().float(),
-            "lr": torch.tensor(optimizer.param_groups[0]["lr"])} | router_metrics
+            "lr": torch.tensor(optimizer.param_groups[0]["lr"])} | router_metrics | correction_metrics
 
     @torch.no_grad()
-    def router_shift(self, scores, old: OldPolicy, mask: Tensor) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """γ (M, N) of this minibatch against the old routing, and the router metrics; (None, {}) for a dense
+    def rollout_correction(self, old: OldPolicy, mb: Minibatch) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """The loss's mask and stop-gradient weight under --rollout-is / --rollout-mask (docs/rspo.md, "Rollout
+        corrections"): GRPO takes token weights (B, T), the sequence-level losses one weight per sequence (B,);
+        a token-level MIS mask leaves a sequence-level loss's tokens out of its mean instead (IcePop's mask)."""
+        cfg, mask = self.config, mb.mask
+        if cfg.rollout_is == "none" and cfg.rollout_mask == "none":
+            return mask, None, {}
+        per_token = cfg.loss == "grpo"
+        weight = torch.ones_like(mb.tokens, dtype=torch.float32) if per_token else torch.ones(len(mask), device=mask.device)
+        metrics, n_valid = {}, mask.sum().clamp(min=1)
+        if cfg.rollout_is != "none":
+            tis = truncated_is_weights(old.logprobs, mb.rollout.logprobs, mask, level=cfg.rollout_is,
+                                       cap=cfg.rollout_is_cap)                                   # (M, N)
+            weight = weight * (tis if per_token else tis.amax(dim=1))  # a sequence's weight sits on each of its tokens
+            metrics["rollout_is_weight_mean"] = tis.sum() / n_valid
+            metrics["rollout_is_capped_frac"] = ((tis >= cfg.rollout_is_cap) & mask).sum() / n_valid
+        if cfg.rollout_mask != "none":
+            low, high = cfg.rollout_mask_bounds
+            keep = rollout_keep_mask(old.logprobs, mb.rollout.logprobs, mask, level=cfg.rollout_mask, low=low, high=high)
+            metrics["rollout_masked_frac"] = (mask & ~keep).sum() / n_valid
+            if per_token:
+                weight = weight * keep.float()
+            elif cfg.rollout_mask == "sequence":
+                weight = weight * keep.any(dim=1).float()
+            else:
+                mask = keep
+        return mask, weight, metrics
+
+    @torch.no_grad()
+    def router_shift(self, scores, old: OldPolicy, mb: Minibatch) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """γ (M, N) of this minibatch against the old routing (--gamma-reference rollout: the rollout's experts
+        and μ's router log-probs), and the router metrics against the same reference; (None, {}) for a dense
         model or with diagnostics off. γ is measured for every loss by default, so that runs without RS still
         log how far their router moved."""
         if not self.measures_router_shift:
             return None, {}
-        gamma = router_shift_ratio(scores.router_logits, old.topk_idx, old.topk_logprobs, mask)  # (M, N)
-        return gamma, router_shift_metrics(gamma, mask, float(self.gamma_floor)) | {
+        reference = mb.rollout if self.config.gamma_reference == "rollout" else old
+        gamma = router_shift_ratio(scores.router_logits, reference.topk_idx, reference.topk_logprobs, mb.mask)  # (M, N)
+        return gamma, router_shift_metrics(gamma, mb.mask, float(self.gamma_floor)) | {
             "gamma_floor": self.gamma_floor.clone(),
-            "routing_consistency": routing_consistency(scores.router_logits, old.topk_idx, mask)}
+            "routing_consistency": routing_consistency(scores.router_logits, reference.topk_idx, mb.mask)}
 
     @torch.no_grad()
     def adapt_gamma_floor(self, gamma: Tensor, mask: Tensor) -> None:

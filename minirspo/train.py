@@ -143,8 +143,7 @@ def run(config: RLConfig) -> Path:
     console = Console(soft_wrap=True, quiet=rank_zero_only.rank != 0)  # one process speaks (torchrun, srun)
     if rank_zero_only.rank == 0:
         write_config(config, out / "config.yaml", rerun="python -m minirspo.train")
-    policy = load_policy(config.model or f"toy:{warm_start(config)}", rollout_engine=config.rollout_engine,
-                         logprob_chunk_tokens=config.logprob_chunk_tokens)
+    policy = load_policy(config.model or f"toy:{warm_start(config)}", logprob_chunk_tokens=config.logprob_chunk_tokens)
     module = RLModule(policy, config)
     title = f"{config.loss}{' + RS' if config.router_shift and config.loss != 'rspo' else ''} on {config.task}"
     done = (torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["global_step"]

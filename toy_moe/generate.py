@@ -27,7 +27,8 @@ class Rollout(NamedTuple):
     mask: Tensor  # (B, N) bool, True for generated tokens up to and including the stop token
     topk_idx: Tensor | None  # (L, B, N, K) experts each token was routed to (pads keep their valid-id routing)
     topk_logprobs: Tensor | None  # (L, B, N, K) float32 router log-softmax over all E at those experts; 0 where mask is False
-    # The last three are None when generate(..., record=False).
+    prompt_topk_idx: Tensor | None = None  # (L, B, P, K) experts of each prompt position, from the prefill
+    # The last four are None when generate(..., record=False).
 
 
 def _masked_scores(logits: Tensor, temperature: float, banned_tokens: Sequence[int]) -> Tensor:
@@ -146,6 +147,7 @@ def generate(
 
     ids, mask = prompt_ids, prompt_mask  # (B, P + n), what the no-cache path recomputes
     out = model(prompt_ids, prompt_mask, kv_cache=kv_cache)
+    prompt_topk_idx = out.topk_idx  # (L, B, P, K)
     alive = torch.ones(batch_size, dtype=torch.bool, device=prompt_ids.device)  # (B,)
     steps: list[tuple[Tensor, ...]] = []
     for n in range(max_new_tokens):
@@ -182,6 +184,7 @@ def generate(
         mask=masks,
         topk_idx=rearrange(list(experts), "n l b k -> l b n k"),  # (L, B, N, K)
         topk_logprobs=rearrange(list(expert_logprobs), "n l b k -> l b n k"),  # (L, B, N, K)
+        prompt_topk_idx=prompt_topk_idx,
     )
 
 

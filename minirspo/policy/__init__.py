@@ -10,33 +10,14 @@ benchmarks are in `minirspo.testing`.
 """
 from pathlib import Path
 
-from minirspo.config import ROLLOUT_ENGINES
 from minirspo.policy.base import Policy, Samples, Scores
 from minirspo.policy.hf import HF_MOE_FAMILIES, HFPolicy
 from minirspo.policy.toy import ToyPolicy
 
-__all__ = ["HF_MOE_FAMILIES", "HFPolicy", "Policy", "Samples", "Scores", "ToyPolicy", "check_rollout_engine",
-           "load_policy"]
+__all__ = ["HF_MOE_FAMILIES", "HFPolicy", "Policy", "Samples", "Scores", "ToyPolicy", "load_policy"]
 
 
-def check_rollout_engine(rollout_engine: str, kind: str) -> None:
-    """--rollout-engine: `hf` samples from the model in this process; `vllm` is the slot for a GPU engine."""
-    if rollout_engine not in ROLLOUT_ENGINES:
-        raise ValueError(f"unknown rollout_engine {rollout_engine!r}; choose one of {list(ROLLOUT_ENGINES)}")
-    if rollout_engine == "hf":
-        return
-    if kind == "toy":
-        raise ValueError("--rollout-engine vllm: the toy model samples with its own generate; use --rollout-engine hf")
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        raise ValueError("--rollout-engine vllm needs the vllm package (GPU only: pip install vllm); "
-                         "--rollout-engine hf samples from the model in this process") from None
-    raise ValueError("--rollout-engine vllm: minirspo samples in its own process only; a vLLM engine would need the "
-                     "trainer's weights pushed to it every RL step, which is not implemented")
-
-
-def load_policy(spec: str, *, rollout_engine: str = "hf", logprob_chunk_tokens: int = 4096) -> Policy:
+def load_policy(spec: str, *, logprob_chunk_tokens: int = 4096) -> Policy:
     """`toy:PATH` (a toy_moe checkpoint, see toy_moe.pretrain) or `hf:PATH` (a local Hugging Face model
     directory: config, weights, tokenizer) -> a Policy. Clear errors for a bad spec or a missing path."""
     kind, _, path = spec.partition(":")
@@ -44,7 +25,6 @@ def load_policy(spec: str, *, rollout_engine: str = "hf", logprob_chunk_tokens: 
         raise ValueError(f"model spec must be 'toy:PATH' or 'hf:PATH', got {spec!r}")
     if not Path(path).exists():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
-    check_rollout_engine(rollout_engine, kind)
     if kind == "hf":
         return HFPolicy.from_pretrained(path, logprob_chunk_tokens=logprob_chunk_tokens)
     from toy_moe.checkpoint import load_toy_checkpoint

@@ -4,25 +4,34 @@ Notation: B sequences, P prompt tokens (left-padded), N response tokens (right-p
 V vocabulary, L MoE layers, E experts, K experts per token.
 
 The loop (`minirspo.module`) never touches a model directly. A `Policy` turns prompt text into token
-ids, samples responses (`Samples`: tokens and their mask, nothing else, since the loop re-scores every
-response with the training forward), and scores given responses with the forward pass that trains
-(`Scores`: log-probs, entropy and router logits at the response tokens, plus the top-K routing of every
-position for routing replay).
+ids, samples responses (`Samples`: tokens and their mask, and on request what the sampler itself saw: the
+log-prob of each sampled token and the routing of every token, which is what a behaviour policy μ records for
+minirspo.rollout), and scores given responses with the forward pass that trains (`Scores`: log-probs, entropy
+and router logits at the response tokens, plus the top-K routing of every position for routing replay).
 
 Alignment, shared by every implementation: the log-prob of response token n comes from the logits at
 position P + n − 1 (the position that predicts it); its routing ("the experts activated for token n",
 RSPO.md) is the router's choice at position P + n, where the token itself is processed.
 """
 from abc import ABC, abstractmethod
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 
+Record = Literal["none", "tokens", "routing"]  # what `Policy.generate` records besides the tokens
+
+
 class Samples(NamedTuple):
     tokens: Tensor  # (B, N) sampled response tokens; padding after a row's stop token
     mask: Tensor    # (B, N) bool, True up to and including the first stop token
+    # Recorded while sampling, only when asked (`generate(record=...)`); None otherwise:
+    logprobs: Tensor | None = None       # (B, N) float32 log-prob of each sampled token, on the footing of
+                                         # `score` (temperature and banned tokens, before top-p); 0 at padding
+    topk_idx: Tensor | None = None       # (L, B, N, K) experts each response token was routed to
+    topk_logprobs: Tensor | None = None  # (L, B, N, K) float32 router log-softmax (over all E) at them; 0 at padding
+    routing: Tensor | None = None        # (L, B, S, K) experts of every position, prompt included (record="routing")
 
 
 class Scores(NamedTuple):
@@ -69,11 +78,20 @@ class Policy(ABC):
     def decode_responses(self, tokens: Tensor, mask: Tensor) -> list[str]:
         """Response ids (B, N) -> texts, stopping at the end-of-sequence token."""
 
+    @property
+    @abstractmethod
+    def matmul_weights(self) -> list[tuple[str, int]]:
+        """(name in `model.named_parameters()`, the axis its matrix multiply sums over) of every weight that
+        multiplies activations, except embeddings, the LM head and the routers: what an FP8 engine quantizes
+        (minirspo.rollout.precision), one scale per output channel, i.e. over that axis."""
+
     @abstractmethod
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> Samples:
-        """Sample responses without gradient (temperature 0 = greedy)."""
+                 generator: torch.Generator | None = None, record: Record = "none") -> Samples:
+        """Sample responses without gradient (temperature 0 = greedy). `record`: "none" (tokens and mask),
+        "tokens" (also log-probs and the top-K routing of each response token), "routing" (also the routing
+        of every prompt position, for rollout routing replay)."""
 
     @abstractmethod
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, tokens: Tensor, mask: Tensor, *,

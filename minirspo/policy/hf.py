@@ -159,7 +159,7 @@ class ChunkedLogprobLM(nn.Module):
     @torch.no_grad()
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, temperature: float,
                top_p: float, stop_ids: tuple[int, ...], banned_tokens: tuple[int, ...], pad_id: int,
-               generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+               generator: torch.Generator | None, record: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """A KV-cache decode after left-padded prompts (B, P) -> the sampled tokens (B, N), N <= max_new_tokens,
         `pad_id` after each row's first stop token, and their mask (B, N), True through that stop token; it ends
         when every row has stopped.
@@ -168,7 +168,11 @@ class ChunkedLogprobLM(nn.Module):
         decoder on one token per row, the head on its last hidden state, and the toy sampler's `pick_tokens`
         (the same temperature, top-p and banned tokens as `token_logprobs` scores). The prompt of rows that share
         it is prefilled once (`prompt_groups`) and its cache gathered to the B rows; the cache appends in place
-        (`GrowingCache`). benchmarks/README.md (decode_bench) measures it against `generate`."""
+        (`GrowingCache`). benchmarks/README.md (decode_bench) measures it against `generate`.
+
+        `record`: also the log-prob of each sampled token (B, N) under `token_logprobs` (the footing `forward`
+        scores on), and one more decoder step after the last token, so that every response token passes the
+        router gates (which the caller records) once; None in third place otherwise."""
         from minirspo.policy.kv_cache import GrowingCache
         if not bool(prompt_mask[:, -1].all()):
             raise ValueError("prompts must be left-padded: every row's last prompt position a real token")
@@ -187,18 +191,27 @@ class ChunkedLogprobLM(nn.Module):
             hidden = hidden[groups[1]]                                                     # (B, D)
         stop = torch.tensor(stop_ids, device=prompt_ids.device)
         alive = torch.ones(batch, dtype=torch.bool, device=prompt_ids.device)             # (B,)
-        tokens, masks = [], []
+        score_temperature = temperature if temperature > 0 else 1.0  # greedy picks are scored at temperature 1
+        tokens, masks, logprobs = [], [], []
         for step in range(max_new_tokens):
-            token = pick_tokens(head(hidden), temperature, top_p, banned_tokens, generator)  # (B,)
-            tokens.append(torch.where(alive, token, pad_id))
+            logits = head(hidden)                                                          # (B, V)
+            token = torch.where(alive, pick_tokens(logits, temperature, top_p, banned_tokens, generator), pad_id)  # (B,)
+            tokens.append(token)
             masks.append(alive)
-            alive = alive & ~torch.isin(tokens[-1], stop)
-            if step == max_new_tokens - 1 or not bool(alive.any()):
+            if record:
+                logprob = token_logprobs(logits, token, temperature=score_temperature, banned_tokens=banned_tokens)
+                logprobs.append(torch.where(alive, logprob, 0.0))                          # (B,)
+            alive = alive & ~torch.isin(token, stop)
+            finished = step == max_new_tokens - 1 or not bool(alive.any())
+            if finished and not record:
                 break
             end = prompt_len + step + 1  # the prompt and the tokens so far, the one just sampled included
-            hidden = decoder(input_ids=tokens[-1][:, None], attention_mask=attention[:, :end],
+            hidden = decoder(input_ids=token[:, None], attention_mask=attention[:, :end],
                              position_ids=positions[:, end - 1:end], **uses_cache).last_hidden_state[:, -1]  # (B, D)
-        return rearrange(tokens, "n b -> b n"), rearrange(masks, "n b -> b n")             # (B, N) each
+            if finished:
+                break
+        recorded = rearrange(logprobs, "n b -> b n") if record else None                   # (B, N)
+        return rearrange(tokens, "n b -> b n"), rearrange(masks, "n b -> b n"), recorded   # (B, N) each
 
 
 def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -298,20 +311,54 @@ class HFPolicy(Policy):
         return [self.tokenizer.decode(row[valid].tolist(), skip_special_tokens=True)
                 for row, valid in zip(tokens.cpu(), mask.cpu())]
 
+    @property
+    def matmul_weights(self) -> list[tuple[str, int]]:
+        # every nn.Linear of the decoder layers, (out, in), and the fused expert stacks of transformers 5, (E, out, in)
+        # (`F.linear(x, gate_up_proj[e])`); the gates are `*TopKRouter` modules, not nn.Linear, so they stay out
+        layers = self.model.lm.get_decoder().layers
+        prefix = next(name for name, module in self.model.named_modules() if module is layers)
+        return [(f"{prefix}.{name}", -1) for name, param in layers.named_parameters()
+                if isinstance(layers.get_submodule(name.rpartition(".")[0]), nn.Linear) and name.endswith(".weight")
+                or name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+
     @torch.no_grad()
     def generate(self, prompt_ids, prompt_mask, *, max_new_tokens, temperature=1.0, top_p=1.0,
-                 generator=None) -> Samples:
-        """A KV-cache decode (`ChunkedLogprobLM.sample`); temperature 0 = greedy. Only tokens: the loop scores
-        them with the training forward (`score`), so nothing else is computed here."""
+                 generator=None, record="none") -> Samples:
+        """A KV-cache decode (`ChunkedLogprobLM.sample`); temperature 0 = greedy. With `record`, the gates'
+        choices during the decode are kept: the prefill's for the prompt, then one decoder step per response
+        token (the one that feeds it in), which is where `score` reads a token's routing too."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
         self.router.configure(replay=None, freeze=False)  # a replay left by the last `score` must not apply here
-        tokens, mask = self.model.sample(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,  # (B, N) each
-                                         temperature=temperature, top_p=top_p, stop_ids=self.stop_ids,
-                                         banned_tokens=self.banned, pad_id=self.pad_id, generator=generator)
-        return Samples(tokens, mask)
+        with self.router.recording() as records:
+            tokens, mask, logprobs = self.model.sample(  # (B, N) each
+                prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                stop_ids=self.stop_ids, banned_tokens=self.banned, pad_id=self.pad_id, generator=generator,
+                record=record != "none")
+        if record == "none":
+            return Samples(tokens, mask)
+        if not self.is_moe:
+            empty = tokens.new_zeros((0, *tokens.shape, 0))
+            return Samples(tokens, mask, logprobs, empty, empty.float(),
+                           prompt_ids.new_zeros((0, len(tokens), prompt_ids.shape[1] + tokens.shape[1], 0))
+                           if record == "routing" else None)
+        n_layers, batch = len(self.router.gates), len(tokens)
+        prefill, steps = records[:n_layers], records[n_layers:]  # then one record per layer per decode step
+        step_logits = rearrange(torch.stack([logits.float() for logits, _ in steps]), "(n l) b e -> l b n e", l=n_layers)  # (L, B, N, E)
+        topk_idx = rearrange(torch.stack([experts for _, experts in steps]), "(n l) b k -> l b n k", l=n_layers)  # (L, B, N, K)
+        topk_logprobs = step_logits.log_softmax(dim=-1).gather(-1, topk_idx)              # (L, B, N, K)
+        routing = None
+        if record == "routing":
+            prompt_experts = torch.stack([experts for _, experts in prefill])              # (L, U·P, K)
+            prompt_experts = rearrange(prompt_experts, "l (u p) k -> l u p k", p=prompt_ids.shape[1])  # (L, U, P, K)
+            groups = prompt_groups(prompt_ids, prompt_mask)
+            if groups is not None:
+                prompt_experts = prompt_experts[:, groups[1]]                              # (L, B, P, K)
+            routing = torch.cat([prompt_experts, topk_idx], dim=2)                         # (L, B, S, K)
+        valid = rearrange(mask, "b n -> 1 b n 1")
+        return Samples(tokens, mask, logprobs, topk_idx, torch.where(valid, topk_logprobs, 0.0), routing)
 
     def score(self, prompt_ids, prompt_mask, tokens, mask, *, routing=None, freeze_router=False,
               temperature=1.0) -> Scores:

@@ -41,13 +41,23 @@ class ToyPolicy(Policy):
     def decode_responses(self, tokens: Tensor, mask: Tensor) -> list[str]:
         return [self.tokenizer.decode_response(row[valid]) for row, valid in zip(tokens.cpu(), mask.cpu())]
 
+    @property
+    def matmul_weights(self) -> list[tuple[str, int]]:
+        # nn.Linear weights are (out, in); toy_moe's SwiGLU weights are (..., in, out), multiplied as x @ W
+        return [(name, -1 if name.endswith(".weight") else -2) for name, _ in self.model.named_parameters()
+                if name.endswith(("attn.qkv.weight", "attn.out.weight", "mlp.gate_up", "mlp.down"))]
+
     def generate(self, prompt_ids, prompt_mask, *, max_new_tokens, temperature=1.0, top_p=1.0,
-                 generator=None) -> Samples:
-        """toy_moe's cached sampler, without the log-probs and routing it can record: the loop re-scores."""
+                 generator=None, record="none") -> Samples:
+        """toy_moe's cached sampler; it records log-probs and routing only when asked (the loop re-scores)."""
         rollout = generate(self.model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop_tokens=(self.tokenizer.eos_id,),
-                           banned_tokens=self.banned, pad_id=self.tokenizer.pad_id, generator=generator, record=False)
-        return Samples(rollout.tokens, rollout.mask)
+                           banned_tokens=self.banned, pad_id=self.tokenizer.pad_id, generator=generator,
+                           record=record != "none")
+        if record == "none":
+            return Samples(rollout.tokens, rollout.mask)
+        routing = torch.cat([rollout.prompt_topk_idx, rollout.topk_idx], dim=2) if record == "routing" else None  # (L, B, S, K)
+        return Samples(rollout.tokens, rollout.mask, rollout.logprobs, rollout.topk_idx, rollout.topk_logprobs, routing)
 
     def score(self, prompt_ids, prompt_mask, tokens, mask, *, routing=None, freeze_router=False,
               temperature=1.0) -> Scores:
