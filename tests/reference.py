@@ -83,14 +83,16 @@ def rescaled_log_ratios_ref(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor
     return log_ratios
 
 
-def grpo_terms_ref(log_ratios: list[list[Tensor]], advantages: list[float], clip_low: float, clip_high: float) -> list[Tensor]:
-    """(1/|y_i|) sum_t min(w~ A_i, clip(w~, 1 - clip_low, 1 + clip_high) A_i), per sequence."""
+def grpo_terms_ref(log_ratios: list[list[Tensor]], advantages: list[float], clip_low: float, clip_high: float,
+                   token_weights: list[list[float]] | None = None) -> list[Tensor]:
+    """(1/|y_i|) sum_t rho_t min(w~ A_i, clip(w~, 1 - clip_low, 1 + clip_high) A_i), per sequence; rho = 1 if None."""
     terms = []
-    for row, advantage in zip(log_ratios, advantages):
+    for i, (row, advantage) in enumerate(zip(log_ratios, advantages)):
         term = torch.tensor(0.0, dtype=torch.float64)
-        for log_ratio in row:
+        for t, log_ratio in enumerate(row):
             ratio = torch.exp(log_ratio)
-            term = term + torch.minimum(ratio * advantage, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantage)
+            rho = 1.0 if token_weights is None else token_weights[i][t]
+            term = term + rho * torch.minimum(ratio * advantage, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantage)
         terms.append(term / len(row) if row else term)
     return terms
 
@@ -137,16 +139,21 @@ def sequence_terms_ref(
     clip_low: float | None = None,
     clip_high: float | None = None,
     gamma_min: float = DEFAULT_GAMMA_MIN,
+    weight: Tensor | None = None,
 ) -> list[Tensor]:
-    """The B summands of J = (1/B) sum_i term_i for loss `name`; a sequence with no valid token gives 0."""
+    """The B summands of J = (1/B) sum_i term_i for loss `name`; a sequence with no valid token gives 0.
+    `weight`: GRPO's per-token weights (B, T), each valid token's clipped term times its weight; the other
+    losses' per-sequence weights (B,), each term times its weight."""
     default_low, default_high = DEFAULT_CLIPS[name]
     log_ratios = rescaled_log_ratios_ref(logprobs, old_logprobs, mask, router_shift, gamma_min)
-    return SEQUENCE_TERMS_REF[name](
-        log_ratios,
-        [float(advantage) for advantage in advantages],
-        default_low if clip_low is None else clip_low,
-        default_high if clip_high is None else clip_high,
-    )
+    clips = (default_low if clip_low is None else clip_low, default_high if clip_high is None else clip_high)
+    advantages = [float(advantage) for advantage in advantages]
+    if name == "grpo":
+        token_weights = None if weight is None else [
+            [float(weight[i, t]) for t in range(mask.shape[1]) if bool(mask[i, t])] for i in range(mask.shape[0])]
+        return grpo_terms_ref(log_ratios, advantages, *clips, token_weights=token_weights)
+    terms = SEQUENCE_TERMS_REF[name](log_ratios, advantages, *clips)
+    return terms if weight is None else [term * float(rho) for term, rho in zip(terms, weight)]
 
 
 def objective_ref(name: str, **inputs) -> Tensor:
@@ -248,3 +255,73 @@ def routing_consistency_ref(router_logits: Tensor, old_topk_idx: Tensor, mask: T
 def zero_variance_groups_ref(rewards: list[float], group_size: int) -> int:
     groups = [rewards[start:start + group_size] for start in range(0, len(rewards), group_size)]
     return sum(all(r == group[0] for r in group) for group in groups)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rollout corrections: the behaviour policy mu against pi_old (docs/rspo.md, "Rollout corrections")
+# ---------------------------------------------------------------------------------------------------
+
+def rollout_log_ratios_ref(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> list[list[float]]:
+    """Per sequence, the valid tokens' delta = log pi_old - log mu, in float64."""
+    return [[float(old_logprobs[i, t]) - float(rollout_logprobs[i, t]) for t in range(mask.shape[1]) if bool(mask[i, t])]
+            for i in range(mask.shape[0])]
+
+
+def _per_position(mask: Tensor, per_row: list[list], fill) -> list[list]:
+    """Spread each row's per-valid-token values back over its T positions, `fill` at padding."""
+    rows = []
+    for i, values in enumerate(per_row):
+        it = iter(values)
+        rows.append([next(it) if bool(mask[i, t]) else fill for t in range(mask.shape[1])])
+    return rows
+
+
+def truncated_is_weights_ref(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, level: str, cap: float) -> list[list[float]]:
+    """token: min(pi_old / mu, C) per token; sequence: min(prod_t pi_old / mu, C) on every token of the row. 0 at padding."""
+    weights = []
+    for deltas in rollout_log_ratios_ref(old_logprobs, rollout_logprobs, mask):
+        if level == "token":
+            weights.append([min(math.exp(delta), cap) for delta in deltas])
+        else:
+            weights.append([min(math.exp(math.fsum(deltas)), cap)] * len(deltas))
+    return _per_position(mask, weights, 0.0)
+
+
+def rollout_keep_mask_ref(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, level: str, low: float, high: float) -> list[list[bool]]:
+    """token: keep when low <= pi_old / mu <= high; sequence: every token of a row whose geometric-mean ratio is inside."""
+    keep = []
+    for deltas in rollout_log_ratios_ref(old_logprobs, rollout_logprobs, mask):
+        if level == "token":
+            keep.append([low <= math.exp(delta) <= high for delta in deltas])
+        else:
+            inside = bool(deltas) and low <= math.exp(math.fsum(deltas) / len(deltas)) <= high
+            keep.append([inside] * len(deltas))
+    return _per_position(mask, keep, False)
+
+
+def rollout_mismatch_metrics_ref(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, router_logits: Tensor,
+                                 rollout_topk_idx: Tensor) -> dict[str, float]:
+    """Mean and max |delta|, k3 KL(mu || pi_old) = mean (r - 1) - log r with r = pi_old / mu, and the shares of
+    (token, layer) top-K sets under pi_old's router that differ from the rollout's, and of tokens with any."""
+    deltas = [delta for row in rollout_log_ratios_ref(old_logprobs, rollout_logprobs, mask) for delta in row]
+    n = max(len(deltas), 1)
+    metrics = {"rollout_logprob_diff_mean": math.fsum(abs(d) for d in deltas) / n,
+               "rollout_logprob_diff_max": max((abs(d) for d in deltas), default=0.0),
+               "rollout_kl": math.fsum(math.expm1(d) - d for d in deltas) / n}
+    n_layers, batch, n_tokens, _ = router_logits.shape
+    top_k = rollout_topk_idx.shape[-1]
+    differing_sets, flipped_tokens = 0, 0
+    for i in range(batch):
+        for t in range(n_tokens):
+            if not bool(mask[i, t]):
+                continue
+            flips = 0
+            for layer in range(n_layers):
+                logits = [float(z) for z in router_logits[layer, i, t]]
+                own = set(sorted(range(len(logits)), key=lambda e: -logits[e])[:top_k])
+                flips += own != {int(e) for e in rollout_topk_idx[layer, i, t]}
+            differing_sets += flips
+            flipped_tokens += flips > 0
+    metrics["rollout_routing_mismatch"] = differing_sets / (n * n_layers)
+    metrics["rollout_tokens_flipped"] = flipped_tokens / n
+    return metrics

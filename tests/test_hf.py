@@ -19,6 +19,7 @@ from minirspo.config import RLConfig  # noqa: E402
 from minirspo.module import RLModule  # noqa: E402
 from minirspo.policy import HFPolicy, load_policy  # noqa: E402
 from minirspo.tasks import make_task  # noqa: E402
+from minirspo.rollout import check_rollout_engine  # noqa: E402
 from minirspo.testing import make_tiny_hf_checkpoint  # noqa: E402
 from minirspo.train import run  # noqa: E402
 from toy_moe.generate import token_logprobs  # noqa: E402
@@ -338,9 +339,9 @@ def test_load_policy_errors(tmp_path, checkpoints):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_policy(f"hf:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="vllm"):
-        load_policy(f"hf:{checkpoints['olmoe']}", rollout_engine="vllm")
+        check_rollout_engine("vllm", "hf")
     with pytest.raises(ValueError, match="rollout_engine"):
-        load_policy(f"hf:{checkpoints['olmoe']}", rollout_engine="sglang")
+        check_rollout_engine("sglang", "hf")
     jittery = make_tiny_hf_checkpoint(tmp_path / "jitter", "mixtral", router_jitter_noise=0.1)
     with pytest.raises(ValueError, match="router_jitter_noise"):
         load_policy(f"hf:{jittery}")

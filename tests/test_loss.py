@@ -589,3 +589,33 @@ def test_zero_variance_groups_match_reference(rewards_and_group_size):
     rewards, group_size = rewards_and_group_size
     assert int(zero_variance_groups(torch.tensor(rewards), group_size)) == \
         reference.zero_variance_groups_ref(rewards, group_size)
+
+
+@given(policy_cases(), st.data())
+def test_weighted_losses_and_their_gradients_match_reference(case, data):
+    # A rollout correction's stop-gradient weight: per token for GRPO, per sequence for the others (0 included:
+    # a masked-out sequence), multiplying each clipped term; the reference multiplies term by term.
+    away_from_kinks(case)
+    batch, n_tokens = case.inputs["mask"].shape
+    shape = (batch, n_tokens) if case.name == "grpo" else (batch,)
+    weights = data.draw(st.lists(st.sampled_from([0.0, 0.25, 1.0, 2.0]) | float32s(0, 2), min_size=math.prod(shape),
+                                 max_size=math.prod(shape)))
+    weight = torch.tensor(weights).reshape(shape).requires_grad_()  # a gradient must not reach the weight's graph
+    output, grad = run_loss(case, weight=weight)
+    logprobs = case.inputs["logprobs"].double().requires_grad_()
+    terms = reference.sequence_terms_ref(case.name, **{**case.inputs, "logprobs": logprobs, "weight": weight.detach()})
+    want = -sum(terms) / len(terms)
+    scale = sum(abs(term.item()) for term in terms) / len(terms)
+    assert_loss_close(output.loss, want.item(), scale)
+    assert_gradient_close(grad, gradient(want, logprobs))
+    assert weight.grad is None and not gradient(output.loss, weight).any()
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_losses_reject_a_weight_of_the_wrong_shape(name):
+    inputs = valid_inputs()
+    if name == "rspo":
+        inputs["router_shift"] = torch.ones(4, 3)
+    wrong = torch.ones(4) if name == "grpo" else torch.ones(4, 3)  # GRPO weighs tokens, the others sequences
+    with pytest.raises(ValueError, match="weight"):
+        LOSSES[name](**inputs, weight=wrong)

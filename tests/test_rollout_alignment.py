@@ -11,7 +11,7 @@ import torch
 from minirspo.config import RLConfig
 from minirspo.loss import group_advantages, policy_loss
 from minirspo.module import Group, Minibatch, RLModule
-from minirspo.policy import ToyPolicy
+from minirspo.policy import Samples, ToyPolicy
 from tests.tolerance import MODEL_ULPS, assert_close_in_ulps, largest
 from toy_moe.model import ToyMoE, ToyMoEConfig
 from toy_moe.tokenizer import load_tokenizer
@@ -36,7 +36,7 @@ def handmade():
     tokens = torch.tensor([a + [tokenizer.pad_id] * (width - len(a)) for a in answers])       # (B, N)
     mask = torch.tensor([[True] * len(a) + [False] * (width - len(a)) for a in answers])      # (B, N)
     advantages = group_advantages(REWARDS, GROUP_SIZE)                                        # (B,)
-    return module, policy, Minibatch(prompt_ids, prompt_mask, tokens, mask, advantages), answers
+    return module, policy, Minibatch(prompt_ids, prompt_mask, tokens, mask, advantages, Samples(tokens, mask)), answers
 
 
 def naive_row(policy: ToyPolicy, prompt: str, answer: list[int],
@@ -112,7 +112,9 @@ def test_resampling_replaces_flat_groups_and_keeps_the_batch_shape(handmade, mon
     module, policy, _, answers = handmade
     monkeypatch.setattr(type(module), "trainer", property(lambda self: _OneProcess()))
     monkeypatch.setattr(module.config, "resample_rounds", rounds)
-    response = [torch.tensor(answer) for answer in answers[:GROUP_SIZE]]                     # G responses
+    width = max(len(answer) for answer in answers[:GROUP_SIZE])
+    response = Samples(torch.tensor([a + [0] * (width - len(a)) for a in answers[:GROUP_SIZE]]),  # G responses
+                       torch.tensor([[True] * len(a) + [False] * (width - len(a)) for a in answers[:GROUP_SIZE]]))
     # Each round samples 2 prompt groups: round 0 one flat and one informative, round 1 one informative.
     scripted = {0: [torch.tensor([0.1, 0.1]), torch.tensor([1.0, 0.1])],
                 1: [torch.tensor([0.0, 0.0]), torch.tensor([0.1, 1.0])]}
