@@ -12,10 +12,11 @@ so grading `minirspo/loss.py` or `toy_moe/model.py` as a submission scores full 
 A property is one clause of the contract (value, gradient, mask handling, stop-gradient, γ floor, ...):
 a Hypothesis strategy that draws small shapes and a seed, a function that builds the tensors from them
 (so `example_inputs` rebuilds any counterexample from what the grader printed), and a check that compares
-the submission with the reference and raises `Mismatch` saying how they differ. Running the properties,
-points and reports are `minirspo.course.grade`'s business.
+the submission with the reference and raises `Mismatch` saying how they differ. A check calls the reference
+here and the submission through its sandbox (`submission.run`: another process, outputs back as plain
+tensors), both with `wire.run_call`, so the same call gives both their outputs and gradients. Running the
+properties, points and reports are `minirspo.course.grade`'s business.
 """
-import copy
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -27,8 +28,14 @@ from einops import rearrange
 from hypothesis import strategies as st
 from torch import Tensor
 
+import minirspo
 import minirspo.loss as loss_reference
+import toy_moe
 import toy_moe.model as moe_reference
+from minirspo.course.sandbox import Sandbox, SubmissionRaised
+from minirspo.course.wire import run_call
+
+REFERENCE_PACKAGES = (minirspo, toy_moe)  # no submission runs where these can be imported
 
 ASSIGNMENTS_DIR = Path(__file__).resolve().parents[2] / "tutorials" / "assignments"
 
@@ -66,36 +73,26 @@ def expect_equal(what: str, got, expected: Tensor) -> None:
         raise Mismatch(f"{what}: expected {short_repr(expected)}, got {shown}")
 
 
-def expect_no_gradient(what: str, tensor: Tensor) -> None:
-    if tensor.grad is not None and bool(tensor.grad.ne(0).any()):
-        raise Mismatch(f"{what} must get no gradient, but got {short_repr(tensor.grad)}")
+def expect_no_gradient(what: str, grad: Tensor | None) -> None:
+    if grad is not None and bool(grad.ne(0).any()):
+        raise Mismatch(f"{what} must get no gradient, but got {short_repr(grad)}")
 
 
-def gradients(output: Tensor, leaves: dict[str, Tensor]) -> dict[str, Tensor]:
-    """d(output²).sum() / d leaf for each leaf (a scalar output is used as it is); zeros where it has none."""
-    if not isinstance(output, Tensor) or not output.requires_grad:
+def expect_same_gradients(got: dict | None, expected: dict[str, Tensor], shown: dict[str, str] | None = None) -> None:
+    """Gradients from run_call on both sides; `got` None: the output carried no gradient at all. `shown`
+    renames leaves in messages (self.router.weight -> router.weight)."""
+    if got is None:
         raise Mismatch("your output carries no gradient: keep it in the autograd graph (no .detach(), "
                        "no torch.no_grad(), no .item()/.tolist())")
-    scalar = output if output.ndim == 0 else output.square().sum()
-    grads = torch.autograd.grad(scalar, list(leaves.values()), allow_unused=True)
-    return {name: torch.zeros_like(leaf) if grad is None else grad
-            for (name, leaf), grad in zip(leaves.items(), grads)}
+    for name, want in expected.items():
+        expect_close(f"gradient wrt {(shown or {}).get(name, name)}", got.get(name), want, rtol=1e-3, atol=1e-5)
 
 
-def expect_same_gradients(got_output, expected_output: Tensor, got_leaves: dict[str, Tensor],
-                          expected_leaves: dict[str, Tensor]) -> None:
-    expected = gradients(expected_output, expected_leaves)
-    got = gradients(got_output, got_leaves)
-    for name in expected:
-        expect_close(f"gradient wrt {name}", got[name], expected[name], rtol=1e-3, atol=1e-5)
-
-
-def leaf_copies(inputs: dict, names: tuple[str, ...]) -> tuple[dict, dict[str, Tensor]]:
-    """A copy of `inputs` whose `names` are fresh leaves that require grad, and those leaves by name."""
-    copied = dict(inputs)
-    for name in names:
-        copied[name] = inputs[name].detach().clone().requires_grad_(True)
-    return copied, {name: copied[name] for name in names}
+def both(submission: Sandbox, reference: Callable, inputs: dict, leaves: tuple[str, ...] = (),
+         parts: tuple[tuple, ...] = ()) -> tuple[tuple, tuple]:
+    """((output, gradients) of the submission, the same of the reference) for one call made alike on both."""
+    expected = run_call(reference, inputs, leaves, parts)
+    return submission.run(reference.__qualname__, inputs, leaves, parts), expected
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,17 +127,15 @@ def router_inputs(layers: int, batch: int, tokens: int, experts: int, top_k: int
             "old_topk_logprobs": old_topk_logprobs, "mask": mask}
 
 
-def check_gamma_value(submission: dict, inputs: dict) -> None:
-    expected = loss_reference.router_shift_ratio(**inputs)
-    expect_close("γ", submission["router_shift_ratio"](**inputs), expected)
+def check_gamma_value(submission: Sandbox, inputs: dict) -> None:
+    (got, _), (expected, _) = both(submission, loss_reference.router_shift_ratio, inputs)
+    expect_close("γ", got, expected)
 
 
-def check_gamma_value_and_gradient(submission: dict, inputs: dict) -> None:
+def check_gamma_value_and_gradient(submission: Sandbox, inputs: dict) -> None:
     check_gamma_value(submission, inputs)
-    expected_inputs, expected_leaves = leaf_copies(inputs, ("router_logits",))
-    got_inputs, got_leaves = leaf_copies(inputs, ("router_logits",))
-    expect_same_gradients(submission["router_shift_ratio"](**got_inputs),
-                          loss_reference.router_shift_ratio(**expected_inputs), got_leaves, expected_leaves)
+    (_, got), (_, expected) = both(submission, loss_reference.router_shift_ratio, inputs, ("router_logits",), ((),))
+    expect_same_gradients(got, expected)
 
 
 # router_logits (B, T, E) without L; old_topk_idx one sequence short; old_topk_logprobs one expert short;
@@ -170,16 +165,15 @@ def bad_router_inputs(defect: str, **shapes) -> dict:
     return inputs
 
 
-def check_input_errors(submission: dict, inputs: dict) -> None:
+def check_input_errors(submission: Sandbox, inputs: dict) -> None:
     try:
-        submission["router_shift_ratio"](**inputs)
-    except ValueError:
-        return
-    except NotImplementedError:
-        raise
-    except Exception as error:
-        raise Mismatch(f"bad input should raise ValueError naming the argument, your code raised "
-                       f"{type(error).__name__}: {error}") from None
+        submission.run("router_shift_ratio", inputs)
+    except SubmissionRaised as error:
+        if error.is_a("ValueError"):
+            return
+        if error.is_a("NotImplementedError"):
+            raise
+        raise Mismatch(f"bad input should raise ValueError naming the argument, your code raised {error}") from None
     raise Mismatch("bad input should raise ValueError naming the argument, your code returned a result")
 
 
@@ -233,31 +227,27 @@ def _loss_of(output, who: str) -> Tensor:
     return loss
 
 
-def check_loss_value(submission: dict, inputs: dict) -> None:
-    expected = _loss_of(loss_reference.rspo_loss(**inputs), "the reference")
-    expect_close("loss", _loss_of(submission["rspo_loss"](**inputs), "your"), expected, atol=1e-6)
+def check_loss_value(submission: Sandbox, inputs: dict) -> None:
+    (got, _), (expected, _) = both(submission, loss_reference.rspo_loss, inputs)
+    expect_close("loss", _loss_of(got, "your"), _loss_of(expected, "the reference"), atol=1e-6)
 
 
-def check_loss_gradient(submission: dict, inputs: dict) -> None:
-    expected_inputs, expected_leaves = leaf_copies(inputs, ("logprobs",))
-    got_inputs, got_leaves = leaf_copies(inputs, ("logprobs",))
-    expect_same_gradients(_loss_of(submission["rspo_loss"](**got_inputs), "your"),
-                          _loss_of(loss_reference.rspo_loss(**expected_inputs), "the reference"),
-                          got_leaves, expected_leaves)
+def check_loss_gradient(submission: Sandbox, inputs: dict) -> None:
+    (output, got), (_, expected) = both(submission, loss_reference.rspo_loss, inputs, ("logprobs",), (("loss",),))
+    _loss_of(output, "your")
+    expect_same_gradients(got, expected)
 
 
-def check_loss_value_and_gradient(submission: dict, inputs: dict) -> None:
+def check_loss_value_and_gradient(submission: Sandbox, inputs: dict) -> None:
     check_loss_value(submission, inputs)
     check_loss_gradient(submission, inputs)
 
 
-def check_stop_gradient(submission: dict, inputs: dict) -> None:
-    got_inputs, leaves = leaf_copies(inputs, ("logprobs", "router_shift"))
-    loss = _loss_of(submission["rspo_loss"](**got_inputs), "your")
-    if not loss.requires_grad:
+def check_stop_gradient(submission: Sandbox, inputs: dict) -> None:
+    output, grads = submission.run("rspo_loss", inputs, ("logprobs", "router_shift"), (("loss",),))
+    if not _loss_of(output, "your").requires_grad or grads is None:
         raise Mismatch("your loss carries no gradient to logprobs")
-    loss.backward()
-    expect_no_gradient("router_shift (γ is a weight, sg[γ])", leaves["router_shift"])
+    expect_no_gradient("router_shift (γ is a weight, sg[γ])", grads.get("router_shift"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -308,16 +298,18 @@ def moe_inputs(tokens: int, d_model: int, experts: int, top_k: int, hidden: int,
     return {"self": layer, "x": x, "topk_idx": topk_idx, "gates": gates}
 
 
-def _route(submission: dict, inputs: dict, who: str) -> tuple[tuple, dict[str, Tensor]]:
-    """Run route (yours or the reference) on a private copy of the layer and of x; return its output and
-    the leaves whose gradients matter (x and the copy's router weight)."""
-    layer = copy.deepcopy(inputs["self"])
-    x = inputs["x"].detach().clone().requires_grad_(True)
-    route = moe_reference.MoELayer.route if who == "reference" else submission["MoELayer.route"]
-    output = route(layer, x, inputs["forced_idx"], inputs["freeze_router"])
-    if not (isinstance(output, tuple) and len(output) == 3 and all(isinstance(o, Tensor) for o in output)):
-        raise Mismatch(f"route must return a tuple of three tensors (router_logits, topk_idx, gates), got {output!r}")
-    return output, {"x": x, "router.weight": layer.router.weight}
+ROUTE_LEAVES = ("x", "self.router.weight")  # route runs on a private copy of the layer and of x
+EXPERT_LEAVES = ("x", "gates", "self.gate_up", "self.down")
+SHOWN = {"self.router.weight": "router.weight", "self.gate_up": "gate_up", "self.down": "down"}
+
+
+def _route(submission: Sandbox, inputs: dict, parts: tuple[tuple, ...] = ()) -> tuple[tuple, tuple]:
+    """((output, gradients) of your route, the same of the reference); gradients wrt x and router.weight of
+    the `parts` of the output (0 router_logits, 2 gates)."""
+    (got, grads), expected = both(submission, moe_reference.MoELayer.route, inputs, ROUTE_LEAVES, parts)
+    if not (isinstance(got, tuple) and len(got) == 3 and all(isinstance(o, Tensor) for o in got)):
+        raise Mismatch(f"route must return a tuple of three tensors (router_logits, topk_idx, gates), got {got!r}")
+    return (got, grads), expected
 
 
 def _by_expert(topk_idx: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
@@ -326,9 +318,8 @@ def _by_expert(topk_idx: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
     return topk_idx.gather(-1, order), gates.gather(-1, order)
 
 
-def check_topk_selection(submission: dict, inputs: dict) -> None:
-    (expected_logits, expected_idx, _), _ = _route(submission, inputs, "reference")
-    (logits, topk_idx, _), _ = _route(submission, inputs, "yours")
+def check_topk_selection(submission: Sandbox, inputs: dict) -> None:
+    ((logits, topk_idx, _), _), ((expected_logits, expected_idx, _), _) = _route(submission, inputs)
     expect_close("router_logits", logits, expected_logits)
     if topk_idx.shape != expected_idx.shape:
         raise Mismatch(f"topk_idx should have shape {tuple(expected_idx.shape)}, got {tuple(topk_idx.shape)}")
@@ -336,9 +327,8 @@ def check_topk_selection(submission: dict, inputs: dict) -> None:
                  expected_idx.sort(dim=-1).values)
 
 
-def check_gates(submission: dict, inputs: dict) -> None:
-    (_, expected_idx, expected_gates), expected_leaves = _route(submission, inputs, "reference")
-    (_, topk_idx, gates), leaves = _route(submission, inputs, "yours")
+def check_gates(submission: Sandbox, inputs: dict) -> None:
+    ((_, topk_idx, gates), grads), ((_, expected_idx, expected_gates), expected_grads) = _route(submission, inputs, ((2,),))
     if topk_idx.shape != expected_idx.shape or gates.shape != expected_gates.shape:
         raise Mismatch(f"topk_idx and gates should have shape {tuple(expected_idx.shape)}, got "
                        f"{tuple(topk_idx.shape)} and {tuple(gates.shape)}")
@@ -346,50 +336,35 @@ def check_gates(submission: dict, inputs: dict) -> None:
     topk_idx, gates = _by_expert(topk_idx, gates)
     expect_equal("topk_idx (sorted)", topk_idx, expected_idx)
     expect_close("gates (sorted by expert)", gates, expected_gates)
-    expect_same_gradients(gates, expected_gates, leaves, expected_leaves)
+    expect_same_gradients(grads, expected_grads, SHOWN)
 
 
-def check_replay(submission: dict, inputs: dict) -> None:
-    (_, expected_idx, expected_gates), _ = _route(submission, inputs, "reference")
-    (_, topk_idx, gates), _ = _route(submission, inputs, "yours")
+def check_replay(submission: Sandbox, inputs: dict) -> None:
+    ((_, topk_idx, gates), _), ((_, expected_idx, expected_gates), _) = _route(submission, inputs)
     expect_equal("topk_idx (the forced experts, in their order)", topk_idx, expected_idx)
     expect_close("gates of the forced experts", gates, expected_gates)
 
 
-def check_frozen_router(submission: dict, inputs: dict) -> None:
-    (expected_logits, _, expected_gates), expected_leaves = _route(submission, inputs, "reference")
-    (logits, _, gates), leaves = _route(submission, inputs, "yours")
-    objective = expected_logits.square().sum() + expected_gates.square().sum()
-    expected_grad_x, = torch.autograd.grad(objective, [expected_leaves["x"]])
-    if not logits.requires_grad:
+def check_frozen_router(submission: Sandbox, inputs: dict) -> None:
+    """Gradients of router_logits² + gates² (summed): none to the router weight, the reference's to x."""
+    ((logits, _, _), grads), (_, expected_grads) = _route(submission, inputs, ((0,), (2,)))
+    if not logits.requires_grad or grads is None:
         raise Mismatch("route's router_logits and gates must stay differentiable wrt x under freeze_router")
-    (logits.square().sum() + gates.square().sum()).backward()
-    expect_no_gradient("router.weight under freeze_router=True", leaves["router.weight"])
-    expect_close("gradient wrt x under freeze_router=True", leaves["x"].grad, expected_grad_x, rtol=1e-3)
+    expect_no_gradient("router.weight under freeze_router=True", grads.get("self.router.weight"))
+    expect_close("gradient wrt x under freeze_router=True", grads.get("x"), expected_grads["x"], rtol=1e-3)
 
 
-def _experts(submission: dict, inputs: dict, who: str) -> tuple[Tensor, dict[str, Tensor]]:
-    layer = copy.deepcopy(inputs["self"])
-    x = inputs["x"].detach().clone().requires_grad_(True)
-    gates = inputs["gates"].detach().clone().requires_grad_(True)
-    experts = moe_reference.MoELayer.experts if who == "reference" else submission["MoELayer.experts"]
-    output = experts(layer, x, inputs["topk_idx"], gates)
-    return output, {"x": x, "gates": gates, "gate_up": layer.gate_up, "down": layer.down}
-
-
-def check_dispatch_value(submission: dict, inputs: dict) -> None:
-    expected, _ = _experts(submission, inputs, "reference")
-    got, _ = _experts(submission, inputs, "yours")
+def check_dispatch_value(submission: Sandbox, inputs: dict) -> None:
+    (got, _), (expected, _) = both(submission, moe_reference.MoELayer.experts, inputs, EXPERT_LEAVES)
     expect_close("experts output", got, expected)
 
 
-def check_dispatch_gradients(submission: dict, inputs: dict) -> None:
-    expected, expected_leaves = _experts(submission, inputs, "reference")
-    got, leaves = _experts(submission, inputs, "yours")
-    expect_same_gradients(got, expected, leaves, expected_leaves)
+def check_dispatch_gradients(submission: Sandbox, inputs: dict) -> None:
+    (_, got), (_, expected) = both(submission, moe_reference.MoELayer.experts, inputs, EXPERT_LEAVES, ((),))
+    expect_same_gradients(got, expected, SHOWN)
 
 
-def check_idle_experts(submission: dict, inputs: dict) -> None:
+def check_idle_experts(submission: Sandbox, inputs: dict) -> None:
     check_dispatch_value(submission, inputs)
     check_dispatch_gradients(submission, inputs)
 
@@ -404,7 +379,7 @@ class Property:
     checks: str                           # one line for the score table
     examples: st.SearchStrategy           # -> dict of small ints (shapes, seed, ...)
     build: Callable[..., dict]            # example -> keyword arguments of the graded function
-    check: Callable[[dict, dict], None]   # (submission's functions, inputs) -> raises Mismatch
+    check: Callable[[Sandbox, dict], None]  # (the submission's sandbox, inputs) -> raises Mismatch
     function: str = ""                    # which graded function the inputs are for ("" = the only one)
 
 
@@ -413,14 +388,14 @@ class Assignment:
     name: str
     student_file: str                     # relative to tutorials/assignments/
     graded: tuple[str, ...]               # what the submission must define ("MoELayer.route": a method)
-    reference_objects: tuple              # importing any of these into a submission is not allowed
+    given: tuple                          # what the student file may import from the package (the shim's content)
     properties: tuple[Property, ...]
 
 
 ASSIGNMENTS = {assignment.name: assignment for assignment in (
     Assignment(
         "router_shift_ratio", "router_shift_ratio/router_shift.py", ("router_shift_ratio",),
-        (loss_reference, loss_reference.router_shift_ratio, loss_reference.router_logprobs_at),
+        (),
         (Property("value", "γ (B, T) with K = E, no mask", router_shapes(all_experts=True),
                   partial(router_inputs, masked=False), check_gamma_value),
          Property("gradient", "γ is differentiable wrt router_logits", router_shapes(all_experts=True),
@@ -434,8 +409,7 @@ ASSIGNMENTS = {assignment.name: assignment for assignment in (
                   check_input_errors))),
     Assignment(
         "rspo_loss", "rspo_loss/rspo_loss.py", ("rspo_loss",),
-        (loss_reference, loss_reference.rspo_loss, loss_reference.gmpo_loss, loss_reference.grpo_loss,
-         loss_reference.gspo_loss, loss_reference.policy_loss),
+        (loss_reference.LossOutput,),
         (Property("value", "−J inside the clip band, γ ≥ γ_min, no padding", loss_shapes(kind="value"),
                   partial(loss_inputs, kind="value"), check_loss_value),
          Property("gradient", "d loss / d logprobs", loss_shapes(kind="value"), partial(loss_inputs, kind="value"),
@@ -450,7 +424,7 @@ ASSIGNMENTS = {assignment.name: assignment for assignment in (
                   partial(loss_inputs, kind="stop_gradient"), check_stop_gradient))),
     Assignment(
         "moe_dispatch", "moe_dispatch/moe_dispatch.py", ("MoELayer.route", "MoELayer.experts"),
-        (moe_reference, moe_reference.MoELayer, moe_reference.ToyMoE),
+        (moe_reference.swiglu,),
         (Property("top-K selection", "router logits and the K most probable experts", moe_shapes(kind="route"),
                   partial(moe_inputs, kind="route"), check_topk_selection, "MoELayer.route"),
          Property("gates", "softmax over all E at the chosen experts, renormalised if asked; gradients",

@@ -4,8 +4,14 @@ Every property of the assignment (minirspo/course/assignments.py) runs as a Hypo
 points that the points file (tutorials/assignments/points.json) gives it, all or nothing. A failure is
 reported as the call that rebuilds its inputs, e.g. `example_inputs("rspo_loss", "mask", batch=1, tokens=2,
 seed=0)`, next to the expected and received numbers. The grader never shows the reference's source: a
-traceback keeps only the frames of the submitted file. A submission that imports the reference
-implementation scores 0.
+traceback keeps only the frames of the submitted file.
+
+Each submission runs in its own process (sandbox.py, child.py), where the reference implementation does not
+exist: it receives inputs and returns outputs as data, and this process, which holds the reference,
+compares them. Each property has a time limit (--time-limit, 20 s): overrunning it scores the property 0,
+"timed out after 20 s", and the next property starts a fresh process. A process that exits, crashes or
+sends garbage scores 0 for every property not yet graded. Results (table, CSV, results.json) are written
+here, after the submission's process is gone.
 
 Examples:
     python -m minirspo.grade router_shift_ratio              # the student file in tutorials/assignments/
@@ -14,20 +20,19 @@ Examples:
     python -m minirspo.grade moe_dispatch --submission toy_moe/model.py
     python -m minirspo.grade rspo_loss --submissions hand-ins/ --csv grades.csv
     python -m minirspo.grade rspo_loss --submission /autograder/submission --gradescope /autograder/results/results.json
-    python -m minirspo.grade rspo_loss --points my_points.json --max-examples 100
+    python -m minirspo.grade rspo_loss --points my_points.json --max-examples 100 --time-limit 60
+    sudo python -m minirspo.grade rspo_loss --submission x.py --sandbox-user student   # as run_autograder does
 """
 import argparse
 import csv
-import hashlib
-import importlib.util
-import inspect
 import json
+import math
+import os
+import pwd
 import sys
 import time
-import traceback
 from pathlib import Path
-from types import ModuleType
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
@@ -36,25 +41,18 @@ from rich.table import Table
 from rich.text import Text
 from torch import Tensor
 
-from minirspo.course.assignments import ASSIGNMENTS, ASSIGNMENTS_DIR, Assignment, Mismatch, Property, short_repr
+from minirspo.course.assignments import (ASSIGNMENTS, ASSIGNMENTS_DIR, REFERENCE_PACKAGES, Assignment, Mismatch,
+                                         Property, short_repr)
+from minirspo.course.sandbox import ChildGone, Sandbox, SubmissionError, SubmissionRaised
 
 DEFAULT_POINTS = ASSIGNMENTS_DIR / "points.json"
 MAX_EXAMPLES = 25  # per property; every example is a few tiny tensors, so a whole assignment takes seconds
+TIME_LIMIT = 20.0  # seconds of the submission's own time per property (its import too): ~100x what it needs
 
 
 # ---------------------------------------------------------------------------------------------------
 # Loading a submission and the points
 # ---------------------------------------------------------------------------------------------------
-
-class SubmissionError(Exception):
-    """The file cannot be graded at all (does not import, lacks a function, borrows the reference)."""
-
-
-def _own_frames(error: BaseException, path: Path) -> str:
-    """The error with only the traceback frames of the submitted file: the reference's never show."""
-    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename).resolve() == path]
-    return "".join(traceback.format_list(frames)) + f"{type(error).__name__}: {error}"
-
 
 def find_in_folder(assignment: Assignment, folder: Path) -> Path:
     """The file to grade in a folder of one student's files (Gradescope's /autograder/submission): the
@@ -67,45 +65,16 @@ def find_in_folder(assignment: Assignment, folder: Path) -> Path:
     raise SubmissionError(f"submit one file named {name}; {folder} holds {found}")
 
 
-def load_submission(assignment: Assignment, path: Path | str) -> dict[str, Callable]:
-    """Import the file and return its graded functions by name; SubmissionError says what is wrong."""
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise SubmissionError(f"submission file not found: {path}")
-    module_name = f"submission_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
+def open_sandbox(assignment: Assignment, path: Path, time_limit: float = TIME_LIMIT,
+                 user: str | None = None) -> Sandbox:
+    """The submission imported in its own process, ready for `run`; SubmissionError or ChildGone if not."""
+    sandbox = Sandbox(path, str(path), assignment.graded, assignment.given, REFERENCE_PACKAGES, time_limit, user)
     try:
-        spec.loader.exec_module(module)
-    except BaseException as error:  # SystemExit or KeyboardInterrupt from a student file must not end grading
-        raise SubmissionError(f"importing {path.name} failed:\n{_own_frames(error, path)}") from None
-    borrowed = sorted(name for name, value in vars(module).items()
-                      if any(_reaches(value, reference) for reference in assignment.reference_objects))
-    if borrowed:
-        raise SubmissionError(f"{path.name} imports the reference implementation ({', '.join(borrowed)}); "
-                              f"write your own")
-    return {name: _graded_function(module, name, path) for name in assignment.graded}
-
-
-def _reaches(value, reference) -> bool:
-    """`value` is the reference object, or a package above the reference module (`import minirspo.loss`
-    binds `minirspo`, through which `minirspo.loss.rspo_loss` is reachable)."""
-    if value is reference:
-        return True
-    return (isinstance(value, ModuleType) and isinstance(reference, ModuleType)
-            and reference.__name__.startswith(value.__name__ + "."))
-
-
-def _graded_function(module: ModuleType, dotted_name: str, path: Path) -> Callable:
-    target = module
-    for part in dotted_name.split("."):
-        if not hasattr(target, part):
-            raise SubmissionError(f"{path.name} must define {dotted_name}")
-        target = getattr(target, part)
-    code = getattr(inspect.unwrap(target), "__code__", None)
-    if code is None or Path(code.co_filename).resolve() != path:
-        raise SubmissionError(f"{dotted_name} must be a function written in {path.name}")
-    return target
+        sandbox.load()
+    except BaseException:
+        sandbox.close()
+        raise
+    return sandbox
 
 
 def load_points(path: Path | str | None = None) -> dict[str, dict[str, float]]:
@@ -113,7 +82,13 @@ def load_points(path: Path | str | None = None) -> dict[str, dict[str, float]]:
     path = Path(path) if path is not None else DEFAULT_POINTS
     if not path.is_file():
         raise FileNotFoundError(f"points file not found: {path} (pass --points FILE)")
-    points = json.loads(path.read_text())
+    try:
+        points = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not a JSON points file: {error}") from None
+    if not isinstance(points, dict) or not all(isinstance(value, dict) for value in points.values()):
+        raise ValueError(f"{path} must hold {{assignment: {{property: points}}}}, e.g. "
+                         f'{{"rspo_loss": {{"value": 2, ...}}, ...}}')
     for assignment_name, by_property in points.items():
         if assignment_name not in ASSIGNMENTS:
             raise ValueError(f"{path}: unknown assignment {assignment_name!r}; choose from {sorted(ASSIGNMENTS)}")
@@ -122,9 +97,15 @@ def load_points(path: Path | str | None = None) -> dict[str, dict[str, float]]:
             raise ValueError(f"{path}: {assignment_name} must give points to exactly {sorted(names)}; "
                              f"missing {sorted(names - set(by_property))}, unknown {sorted(set(by_property) - names)}")
         for name, value in by_property.items():
-            if not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{path}: {assignment_name}.{name} must be a number >= 0, got {value!r}")
     return points
+
+
+def points_for(points: dict[str, dict[str, float]], assignment_name: str, where: str = "the points file") -> dict[str, float]:
+    if assignment_name not in points:
+        raise ValueError(f"{where} gives no points to {assignment_name}; it has {sorted(points)}")
+    return points[assignment_name]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,11 +135,12 @@ class Report(NamedTuple):
         return sum(score.points for score in self.scores)
 
 
-def run_property(assignment: Assignment, prop: Property, functions: dict[str, Callable], path: Path,
-                 max_examples: int) -> str | None:
-    """None if every example passed, else the shrunk counterexample as text."""
+def run_property(assignment: Assignment, prop: Property, sandbox: Sandbox,
+                 max_examples: int) -> tuple[str | None, ChildGone | None]:
+    """(None if every example passed, else the shrunk counterexample as text; why the sandbox is gone, if so)."""
     failures: list[tuple[dict, BaseException]] = []
-    not_implemented: list[NotImplementedError] = []
+    not_implemented: list[str] = []
+    gone: list[ChildGone] = []
 
     # no explain phase: it re-runs the shrunk example many times only to annotate Hypothesis's own report
     @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None, print_blob=False,
@@ -166,10 +148,18 @@ def run_property(assignment: Assignment, prop: Property, functions: dict[str, Ca
               phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink))
     @given(example=prop.examples)
     def test(example):
+        if gone:
+            return  # the remaining examples pass unseen: the property is scored from `gone`
         try:
-            prop.check(functions, prop.build(**example))
-        except NotImplementedError as error:
-            not_implemented.append(error)  # no counterexample to shrink: Hypothesis would only spend seconds
+            prop.check(sandbox, prop.build(**example))
+        except ChildGone as error:
+            gone.append(error)
+        except SubmissionRaised as error:
+            if error.is_a("NotImplementedError"):  # nothing to shrink: Hypothesis would only spend seconds
+                not_implemented.append(error.message)
+                return
+            failures.append((example, error))
+            raise
         except Exception as error:
             failures.append((example, error))
             raise
@@ -179,48 +169,79 @@ def run_property(assignment: Assignment, prop: Property, functions: dict[str, Ca
     try:
         test()
     except Exception:
-        example, error = failures[-1]  # Hypothesis replays the shrunk example last
-        return _describe_failure(assignment, prop, example, error, path)
+        if not gone:
+            example, error = failures[-1]  # Hypothesis replays the shrunk example last
+            return _describe_failure(assignment, prop, example, error), None
     finally:
         torch.set_num_threads(threads)
+    if gone:
+        return str(gone[0]), gone[0]
     if not_implemented:
-        return f"not implemented yet: {not_implemented[0]}"
-    return None
+        return f"not implemented yet: {not_implemented[0]}", None
+    return None, None
 
 
-def _describe_failure(assignment: Assignment, prop: Property, example: dict, error: BaseException,
-                      path: Path) -> str:
+def _describe_failure(assignment: Assignment, prop: Property, example: dict, error: BaseException) -> str:
     arguments = ", ".join(f"{key}={value!r}" for key, value in example.items())
     inputs = prop.build(**example)
     shown = "\n".join(f"    {name} = {short_repr(value) if isinstance(value, Tensor) else repr(value)}"
                       for name, value in inputs.items() if name != "self")
-    what = str(error) if isinstance(error, Mismatch) else f"your code raised:\n{_own_frames(error, path)}"
+    if isinstance(error, Mismatch):
+        what = str(error)
+    elif isinstance(error, SubmissionRaised):
+        what = f"your code raised:\n{error.traceback}"
+    else:
+        what = f"the grader could not compare your output: {type(error).__name__}: {error}"
     return (f"{what}\nreproduce:\n    from minirspo.course import example_inputs\n"
             f"    inputs = example_inputs({assignment.name!r}, {prop.name!r}, {arguments})\n"
             f"    {prop.function or assignment.graded[0]}(**inputs)\ninputs:\n{shown}")
 
 
 def grade(assignment_name: str, submission: Path | str, points: dict[str, dict[str, float]] | None = None,
-          max_examples: int = MAX_EXAMPLES) -> Report:
-    """Grade one file (or the one file of a student's folder): every property of the assignment, all or nothing."""
+          max_examples: int = MAX_EXAMPLES, time_limit: float = TIME_LIMIT, user: str | None = None) -> Report:
+    """Grade one file (or the one file of a student's folder) in its own process: every property of the
+    assignment, all or nothing, each within `time_limit` seconds of the submission's time."""
     if assignment_name not in ASSIGNMENTS:
         raise ValueError(f"unknown assignment {assignment_name!r}; choose one of {sorted(ASSIGNMENTS)}")
     assignment = ASSIGNMENTS[assignment_name]
-    points = (points if points is not None else load_points())[assignment_name]
+    points = points_for(points if points is not None else load_points(), assignment_name)
     path = Path(submission).resolve()
+
+    def score(prop: Property, failure: str | None) -> PropertyScore:
+        return PropertyScore(prop.name, prop.checks, points[prop.name], points[prop.name] if failure is None else 0.0,
+                             failure)
+
+    scores: list[PropertyScore] = []
+    sandbox, ended = None, None  # ended: why the properties not yet graded cannot be
     try:
         if path.is_dir():
             path = find_in_folder(assignment, path)
-        functions = load_submission(assignment, path)
+        if not path.is_file():
+            raise SubmissionError(f"submission file not found: {path}")
+        for prop in assignment.properties:
+            if sandbox is None and ended is None:
+                try:
+                    sandbox = open_sandbox(assignment, path, time_limit, user)
+                except (SubmissionError, ChildGone) as error:
+                    if not scores:
+                        raise SubmissionError(str(error)) from None
+                    ended = str(error)
+            if ended is not None:
+                scores.append(score(prop, f"not graded: {ended}"))
+                continue
+            sandbox.budget = time_limit
+            failure, gone = run_property(assignment, prop, sandbox, max_examples)
+            if gone is not None:
+                sandbox.close()
+                sandbox = None
+                ended = None if gone.timed_out else str(gone)  # a timeout costs its property, a crash the rest
+            scores.append(score(prop, failure))
     except SubmissionError as error:
-        scores = [PropertyScore(prop.name, prop.checks, points[prop.name], 0.0, None)
-                  for prop in assignment.properties]
-        return Report(assignment_name, path, scores, str(error))
-    scores = []
-    for prop in assignment.properties:
-        failure = run_property(assignment, prop, functions, path, max_examples)
-        scores.append(PropertyScore(prop.name, prop.checks, points[prop.name],
-                                    points[prop.name] if failure is None else 0.0, failure))
+        return Report(assignment_name, path, [score(prop, None)._replace(earned=0.0) for prop in assignment.properties],
+                      str(error))
+    finally:
+        if sandbox is not None:
+            sandbox.close()
     return Report(assignment_name, path, scores, None)
 
 
@@ -247,14 +268,15 @@ def print_report(report: Report, console: Console) -> None:
 
 
 def grade_folder(assignment_name: str, folder: Path | str, csv_path: Path | str,
-                 points: dict[str, dict[str, float]] | None = None, max_examples: int = MAX_EXAMPLES) -> list[Report]:
-    """Grade every *.py under `folder` (student = path without .py) and write one CSV row per student."""
+                 points: dict[str, dict[str, float]] | None = None, **options) -> list[Report]:
+    """Grade every *.py under `folder` (student = path without .py), each in its own process, and write one
+    CSV row per student; `options` go to `grade` (max_examples, time_limit, user)."""
     folder = Path(folder)
     files = sorted(folder.rglob("*.py"))
     if not files:
         raise FileNotFoundError(f"no *.py submissions under {folder}")
     points = points if points is not None else load_points()
-    reports = [grade(assignment_name, path, points, max_examples) for path in files]
+    reports = [grade(assignment_name, path, points, **options) for path in files]
     names = [prop.name for prop in ASSIGNMENTS[assignment_name].properties]
     with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -290,21 +312,42 @@ def gradescope_results(report: Report, seconds: float, visibility: str = "visibl
 
 
 def write_gradescope(assignment_name: str, submission: Path | str, results_path: Path | str,
-                     points: dict[str, dict[str, float]] | None = None, max_examples: int = MAX_EXAMPLES,
-                     visibility: str = "visible") -> Report:
-    """Grade one submission (a file, or Gradescope's /autograder/submission folder) and write results.json."""
+                     points: dict[str, dict[str, float]] | None = None, visibility: str = "visible",
+                     **options) -> Report:
+    """Grade one submission (a file, or Gradescope's /autograder/submission folder) and write results.json,
+    after its process is gone. If the grader itself fails, results.json still says so (0 points, "tell your
+    instructor") before the error propagates to the console; `options` go to `grade`."""
     start = time.monotonic()
-    report = grade(assignment_name, submission, points, max_examples)
-    results = gradescope_results(report, time.monotonic() - start, visibility)
-    results_path = Path(results_path)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    points = points if points is not None else load_points()
+    try:
+        report = grade(assignment_name, submission, points, **options)
+    except Exception as error:
+        scores = [PropertyScore(prop.name, prop.checks, points_for(points, assignment_name)[prop.name], 0.0, None)
+                  for prop in ASSIGNMENTS[assignment_name].properties]
+        failed = Report(assignment_name, Path(submission), scores,
+                        f"the autograder failed, tell your instructor: {type(error).__name__}: {error}")
+        _write_json(results_path, gradescope_results(failed, time.monotonic() - start, visibility))
+        raise
+    _write_json(results_path, gradescope_results(report, time.monotonic() - start, visibility))
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m minirspo.grade", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _write_json(path: Path | str, results: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input is one line (what was given, what is accepted), exit 2: no usage block to scroll past."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(prog="python -m minirspo.grade", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("assignment", choices=sorted(ASSIGNMENTS), help="the assignment to grade")
     parser.add_argument("--submission", type=Path, metavar="FILE_OR_FOLDER",
                         help="the file to grade, or a folder holding one student's file (found by the student "
@@ -319,42 +362,94 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", type=Path, metavar="FILE", help=f"points file (default: {DEFAULT_POINTS})")
     parser.add_argument("--max-examples", type=int, default=MAX_EXAMPLES, metavar="N",
                         help="Hypothesis examples per property (default: %(default)s)")
+    parser.add_argument("--time-limit", type=float, default=TIME_LIMIT, metavar="SECONDS",
+                        help="the submission's time per property, its import too; past it the property scores 0, "
+                             "'timed out' (default: %(default)g)")
+    parser.add_argument("--sandbox-user", metavar="USER",
+                        help="run submissions as this unprivileged user (the grader must run as root; "
+                             "run_autograder passes 'student')")
     args = parser.parse_args(argv)
+    for problem in argument_problems(args):
+        parser.error(problem)
+    return args
+
+
+def argument_problems(args: argparse.Namespace) -> list[str]:
+    """Everything wrong with the flags that can be told before grading starts (the first one is shown)."""
+    problems = []
     if (args.submissions is None) != (args.csv is None):
-        parser.error("--submissions and --csv go together")
+        problems.append("--submissions and --csv go together")
     if args.submissions is not None and args.submission is not None:
-        parser.error("give either --submission FILE or --submissions DIR, not both")
+        problems.append("give either --submission FILE or --submissions DIR, not both")
     if args.submissions is not None and args.gradescope is not None:
-        parser.error("--gradescope grades one submission: give --submission FILE_OR_FOLDER, not --submissions")
+        problems.append("--gradescope grades one submission: give --submission FILE_OR_FOLDER, not --submissions")
     if args.visibility is not None and args.gradescope is None:
-        parser.error("--visibility applies to --gradescope results only")
+        problems.append("--visibility applies to --gradescope results only")
     if args.max_examples < 1:
-        parser.error(f"--max-examples must be >= 1, got {args.max_examples}")
-    console = Console()
+        problems.append(f"--max-examples must be >= 1, got {args.max_examples}")
+    if not 0 < args.time_limit < math.inf:
+        problems.append(f"--time-limit must be a number of seconds > 0, got {args.time_limit:g}")
+    if args.submission is not None and not args.submission.is_dir() and not args.submission.is_file():
+        problems.append(f"--submission {args.submission}: no such file or folder")
+    elif args.submission is not None and args.submission.is_file() and args.submission.suffix != ".py":
+        problems.append(f"--submission {args.submission}: give a .py file or a folder holding one")
+    if args.submissions is not None and not args.submissions.is_dir():
+        problems.append(f"--submissions {args.submissions}: no such folder")
+    elif args.submissions is not None and not any(args.submissions.rglob("*.py")):
+        problems.append(f"--submissions {args.submissions}: no *.py file in it")
+    for flag, path in (("--csv", args.csv), ("--gradescope", args.gradescope)):
+        if path is not None and path.is_dir():
+            problems.append(f"{flag} {path} is a folder: give a file name")
+    if args.csv is not None and not args.csv.parent.is_dir():
+        problems.append(f"--csv {args.csv}: folder {args.csv.parent} does not exist")
+    if args.sandbox_user is not None:
+        problems.extend(_sandbox_user_problems(args.sandbox_user))
+    return problems
+
+
+def _sandbox_user_problems(user: str) -> list[str]:
+    try:
+        record = pwd.getpwnam(user)
+    except KeyError:
+        return [f"--sandbox-user {user}: no such user"]
+    if os.geteuid() != 0:
+        return [f"--sandbox-user {user}: only a grader running as root can run submissions as another user"]
+    if record.pw_uid == 0:
+        return [f"--sandbox-user {user}: give an unprivileged user, not root"]
+    return []
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_arguments(argv)
     try:
         points = load_points(args.points)
-        if args.submissions is not None:
-            reports = grade_folder(args.assignment, args.submissions, args.csv, points, args.max_examples)
-            table = Table(title=f"{args.assignment}: {len(reports)} submissions -> {args.csv}")
-            for column in ("submission", "total", "problem"):
-                table.add_column(column)
-            for report in reports:
-                name = report.submission.relative_to(args.submissions.resolve()).as_posix()
-                problem = report.problem.splitlines()[-1] if report.problem else ""
-                table.add_row(name, f"{report.total:g} / {report.max_total:g}", Text(problem))
-            console.print(table)
-            return
-        submission = args.submission or ASSIGNMENTS_DIR / ASSIGNMENTS[args.assignment].student_file
-        if args.gradescope is not None:
-            report = write_gradescope(args.assignment, submission, args.gradescope, points, args.max_examples,
-                                      args.visibility or "visible")
-            print_report(report, console)
-            console.print(f"Gradescope results: {report.total:g} / {report.max_total:g} -> {args.gradescope}")
-            return
-        print_report(grade(args.assignment, submission, points, args.max_examples), console)
+        points_for(points, args.assignment, str(args.points or DEFAULT_POINTS))
     except (FileNotFoundError, ValueError) as error:
-        Console(stderr=True).print(f"[red]error:[/] {error}")
-        sys.exit(2)
+        sys.exit(f"python -m minirspo.grade: error: {error}")
+    if os.geteuid() == 0 and args.sandbox_user is None:
+        print("note: the grader runs as root, so submissions do too: pass --sandbox-user USER (docs/instructors.md)",
+              file=sys.stderr)
+    options = {"max_examples": args.max_examples, "time_limit": args.time_limit, "user": args.sandbox_user}
+    console = Console()
+    if args.submissions is not None:
+        reports = grade_folder(args.assignment, args.submissions, args.csv, points, **options)
+        table = Table(title=f"{args.assignment}: {len(reports)} submissions -> {args.csv}")
+        for column in ("submission", "total", "problem"):
+            table.add_column(column)
+        for report in reports:
+            name = report.submission.relative_to(args.submissions.resolve()).as_posix()
+            problem = report.problem.splitlines()[-1] if report.problem else ""
+            table.add_row(name, f"{report.total:g} / {report.max_total:g}", Text(problem))
+        console.print(table)
+        return
+    submission = args.submission or ASSIGNMENTS_DIR / ASSIGNMENTS[args.assignment].student_file
+    if args.gradescope is not None:
+        report = write_gradescope(args.assignment, submission, args.gradescope, points, args.visibility or "visible",
+                                  **options)
+        print_report(report, console)
+        console.print(f"Gradescope results: {report.total:g} / {report.max_total:g} -> {args.gradescope}")
+        return
+    print_report(grade(args.assignment, submission, points, **options), console)
 
 
 if __name__ == "__main__":
