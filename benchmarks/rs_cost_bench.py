@@ -44,6 +44,7 @@ def worker(variant: str, model: str, sequences: int, response: int, steps: int, 
     from minirspo.config import RLConfig
     from minirspo.loss import group_advantages, zero_variance_groups
     from minirspo.module import Minibatch, RLModule
+    from minirspo.policy import Samples
     from minirspo.report import read_metrics
     router_state = []
 
@@ -62,7 +63,8 @@ def worker(variant: str, model: str, sequences: int, response: int, steps: int, 
             prompt_ids, prompt_mask = self.policy.encode_prompts([p.prompt for p in repeated])
             size = cfg.minibatch_size
             minibatches = [Minibatch(prompt_ids[i:i + size], prompt_mask[i:i + size], tokens[i:i + size],
-                                     mask[i:i + size], advantages[i:i + size]) for i in range(0, len(repeated), size)]
+                                     mask[i:i + size], advantages[i:i + size], Samples(tokens[i:i + size], mask[i:i + size]))
+                           for i in range(0, len(repeated), size)]
             return minibatches, {"reward_mean": rewards.mean(), "response_len": lengths.float().mean(),
                                  "zero_variance_frac": zero_variance_groups(rewards, cfg.group_size) / cfg.n_prompts}
 

@@ -9,8 +9,8 @@ from the trainer's parameters (`refresh`) after each RL step's updates, never ch
 
 FP8, and where we depart from an FP8 engine:
 - The matrices an engine quantizes (`Policy.matmul_weights`: attention and MLP/expert weights, not the
-  embeddings, LM head or routers, which vLLM keeps in the model dtype: its MoE gates are built without a
-  quantization config) become float8 e4m3 values q with one scale per output channel, W ≈ q · s_c, as FP8
+  embeddings, LM head or routers, which vLLM keeps in the model dtype: most of its MoE models build the gate
+  without a quantization config, "gate always runs at half / full precision") become float8 e4m3 values q with one scale per output channel, W ≈ q · s_c, as FP8
   checkpoints with channel-wise weight scales store them (llm-compressor's FP8_DYNAMIC, vLLM's per-channel
   FP8 GEMM). Per-channel, not per-128×128-block (DeepSeek-V3's layout): the toy's matrices are 128 wide, so a
   block would be nearly a whole matrix, and per-channel is the finer of the two here.
