@@ -16,6 +16,7 @@ then scores the same tokens, as the RL loop's π_old does (loss.rollout_mismatch
     |Δ log p|     mean |log π_old − log μ| of the sampled tokens (max in brackets)
     KL            k3 estimate of KL(μ ‖ π_old) per token
     per layer     "sets differ" of each MoE layer, first to last
+Rollout fp8+router also quantizes the routers' weights, which the RL loop's fp8 copy (like vLLM) keeps in bf16.
 """
 import argparse
 import csv
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirspo.config import RLConfig  # noqa: E402
 from minirspo.loss import rollout_mismatch_metrics  # noqa: E402
 from minirspo.policy import ToyPolicy  # noqa: E402
-from minirspo.rollout import BuiltinEngine  # noqa: E402
+from minirspo.rollout import BuiltinEngine, LowPrecisionCopy  # noqa: E402
 from minirspo.warmstart import warm_start, warm_start_dir  # noqa: E402
 from toy_moe.checkpoint import load_toy_checkpoint  # noqa: E402
 from toy_moe.model import ToyMoE, ToyMoEConfig  # noqa: E402
@@ -79,7 +80,9 @@ def measure(policy: ToyPolicy, precision: str, args) -> dict[str, object]:
     task = RLConfig().build_task()
     problems = task.eval_set(args.prompts)
     prompt_ids, prompt_mask = policy.encode_prompts([problem.prompt for problem in problems])    # (B, P)
-    engine = BuiltinEngine(policy, precision)
+    engine = BuiltinEngine(policy, precision.removesuffix("+router"))
+    if precision == "fp8+router":  # the routers quantized too, which engines do not do (a stronger lever)
+        engine.copy = LowPrecisionCopy(policy, "fp8", fp8_routers=True)
     engine.sync()
     samples = engine.sample(prompt_ids, prompt_mask, max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=1.0,
                             generator=torch.Generator().manual_seed(args.seed), record="tokens")
@@ -97,7 +100,9 @@ def measure(policy: ToyPolicy, precision: str, args) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="LxExK shapes (default: all nine)")
-    parser.add_argument("--precisions", nargs="+", default=["bf16", "fp16", "fp8"], choices=["bf16", "fp16", "fp8"])
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "fp16", "fp8", "fp8+router"],
+                        choices=["bf16", "fp16", "fp8", "fp8+router"],
+                        help="fp8+router: the routers' weights quantized to e4m3 too, which engines do not do")
     parser.add_argument("--prompts", type=int, default=256, help="held-out a+b= prompts, one response each")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="response length limit (the RL default)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the warm start, the random init and sampling")

@@ -52,13 +52,17 @@ def fp8_round_trip(weight: Tensor, reduce_dim: int) -> Tensor:
 class LowPrecisionCopy:
     """A copy of `policy` whose parameters are the trainer's at `precision`, refreshed in place by `refresh`."""
 
-    def __init__(self, policy: Policy, precision: str):
+    def __init__(self, policy: Policy, precision: str, *, fp8_routers: bool = False):
+        """`fp8_routers`: quantize the routers' weights too (what an engine does not do; for measurements)."""
         if precision not in STORAGE_DTYPE:
             raise ValueError(f"rollout precision {precision!r} has no copy; choose one of {', '.join(STORAGE_DTYPE)}")
         self.trainer, self.precision = policy, precision
         self.policy = copy.deepcopy(policy)  # hooks and tokenizer too; its weights are overwritten by refresh
         self.policy.model.requires_grad_(False).eval().to(STORAGE_DTYPE[precision])
         self.quantized = dict(policy.matmul_weights) if precision == "fp8" else {}
+        if precision == "fp8" and fp8_routers:  # routers are (E, D) and multiply as x @ W.T, like nn.Linear
+            router_ids = {id(weight) for weight in policy.router_weights}
+            self.quantized |= {name: -1 for name, param in policy.model.named_parameters() if id(param) in router_ids}
         self.refresh()
 
     @torch.no_grad()
