@@ -1,5 +1,8 @@
 """The autograder: untouched student files score 0, the reference and an independent solution score full marks,
-and each planted common mistake loses exactly the points of the property it breaks.
+each planted common mistake loses exactly the points of the property it breaks, and submissions that try to
+fool the grader (borrow the reference, patch the comparison, fake equality, rewrite results.json) score 0 on
+what they fake. Submissions run in their own process with a per-property time limit; bad flags are refused
+in one line before any grading.
 
 The independent solutions below are written from RSPO's equations and the student files' docstrings, not from
 the package (float64 and a per-expert loop where the package uses float32 and a sort), so full marks also
@@ -9,9 +12,11 @@ import csv
 import json
 import math
 import os
+import pwd
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -148,8 +153,8 @@ def test_planted_mistake_loses_exactly_its_property(assignment, mistake, broken,
     call = re.search(r"inputs = (example_inputs\(.*\))", failure).group(1)
     inputs = eval(call, {"example_inputs": assignments.example_inputs})
     prop = next(prop for prop in assignments.ASSIGNMENTS[assignment].properties if prop.name == broken)
-    with pytest.raises(assignments.Mismatch):
-        prop.check(grade.load_submission(assignments.ASSIGNMENTS[assignment], path), inputs)
+    with pytest.raises(assignments.Mismatch), grade.open_sandbox(assignments.ASSIGNMENTS[assignment], path) as sandbox:
+        prop.check(sandbox, inputs)
 
 
 def test_failure_shows_only_the_submissions_own_frames(tmp_path):
@@ -170,14 +175,15 @@ def router_shift_ratio(router_logits, old_topk_idx, old_topk_logprobs, mask=None
     assert "router_logprobs_at" not in failure
 
 
-@pytest.mark.parametrize("borrowing, name", [
-    ("from minirspo.loss import router_shift_ratio as reference", "reference"),
-    ("import minirspo.tasks as tasks\nimport minirspo.loss\nreference = minirspo.loss.router_shift_ratio", "minirspo"),
+@pytest.mark.parametrize("borrowing", [
+    "from minirspo.loss import router_shift_ratio as reference",
+    "import minirspo.tasks as tasks\nimport minirspo.loss\nreference = minirspo.loss.router_shift_ratio",
+    "from toy_moe.model import MoELayer\nreference = MoELayer",
 ])
-def test_submission_that_imports_the_reference_scores_zero(tmp_path, borrowing, name):
+def test_submission_that_imports_the_reference_scores_zero(tmp_path, borrowing):
     text = f"{borrowing}\n\n\ndef router_shift_ratio(*args, **kwargs):\n    return reference(*args, **kwargs)\n"
     report = grade.grade("router_shift_ratio", write_submission(tmp_path, "router_shift_ratio", text))
-    assert report.total == 0 and f"imports the reference implementation ({name}" in report.problem
+    assert report.total == 0 and "runs your file without the minirspo package" in report.problem
 
 
 def test_missing_function_and_broken_import_score_zero(tmp_path):
@@ -336,3 +342,323 @@ def test_instructors_page_shows_the_shipped_gradescope_scripts():
     page = (assignments.ASSIGNMENTS_DIR.parents[1] / "docs" / "instructors.md").read_text()
     for script in ("setup.sh", "run_autograder"):
         assert (SHIPPED / script).read_text() in page, f"docs/instructors.md shows an old copy of {script}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Submissions that try to fool the grader: each scores 0 on every property it fakes (here all of rspo_loss)
+# ---------------------------------------------------------------------------------------------------
+
+FALLBACK = '''
+import torch
+from minirspo.loss import LossOutput
+
+
+def fallback():
+    return LossOutput(torch.zeros(()), {})
+'''
+CHEATS = {
+    # the issue's: fetch the reference when called, through the import machinery ...
+    "import at call": '''
+def rspo_loss(*args, **kwargs):
+    import importlib
+    return importlib.import_module("minirspo.loss").rspo_loss(*args, **kwargs)
+''',
+    # ... or by walking the interpreter's live objects
+    "live objects": '''
+def rspo_loss(*args, **kwargs):
+    import gc
+    for obj in gc.get_objects():
+        if getattr(obj, "__name__", "") == "rspo_loss" and getattr(obj, "__module__", "") == "minirspo.loss":
+            return obj(*args, **kwargs)
+    return fallback()
+''',
+    # the reference's source by path: where the editable install's finder says, or above the interpreter
+    "source by path": '''
+def rspo_loss(*args, **kwargs):
+    import glob, importlib.util, os, sys
+    candidates = []
+    for entry in sys.path:
+        for finder in glob.glob(os.path.join(entry, "__editable__*finder.py")):
+            text = open(finder).read()
+            candidates += [os.path.join(path, "loss.py") for path in re.findall(r"'([^']*/minirspo)'", text)]
+    folder = sys.prefix
+    while folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+        candidates.append(os.path.join(folder, "minirspo", "loss.py"))
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            spec = importlib.util.spec_from_file_location("stolen", candidate)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module.rspo_loss(*args, **kwargs)
+    return fallback()
+import re
+''',
+    # a fresh interpreter, where the installed package imports as usual
+    "fresh interpreter": '''
+def rspo_loss(logprobs, old_logprobs, advantages, mask, *, router_shift, clip_low=0.4, clip_high=0.4, gamma_min=0.8):
+    import subprocess, sys, torch
+    code = ("import sys, torch; from minirspo.loss import rspo_loss; a = torch.load(sys.stdin.buffer); "
+            "print(float(rspo_loss(**a).loss))")
+    import io
+    buffer = io.BytesIO()
+    torch.save(dict(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
+                    router_shift=router_shift, clip_low=clip_low, clip_high=clip_high, gamma_min=gamma_min), buffer)
+    out = subprocess.run([sys.executable, "-c", code], input=buffer.getvalue(), capture_output=True).stdout
+    return LossOutput(torch.tensor(float(out)), {})
+''',
+    # patch the comparison: the grader's expect_close wherever it is, and torch's own
+    "patched comparison": '''
+import sys
+import torch
+
+
+def rspo_loss(*args, **kwargs):
+    for module in list(sys.modules.values()):
+        if hasattr(module, "expect_close"):
+            module.expect_close = lambda *a, **k: None
+    torch.isclose = lambda a, b, **k: torch.ones(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.bool)
+    torch.Tensor.any = lambda self, *a, **k: torch.tensor(False)
+    return fallback()
+''',
+    # read the expected values from the caller's frames (where the check computed them)
+    "caller frames": '''
+import sys
+
+
+def rspo_loss(*args, **kwargs):
+    frame = sys._getframe(1)
+    while frame is not None:
+        for name in ("expected", "expected_output"):
+            if name in frame.f_locals:
+                found = frame.f_locals[name]
+                return found[0] if isinstance(found, tuple) else found
+        frame = frame.f_back
+    return fallback()
+''',
+    # an object that compares equal to anything, in place of the loss
+    "equal to anything": '''
+class Anything(float):
+    def __eq__(self, other): return True
+    def __ne__(self, other): return False
+    def __bool__(self): return True
+    __hash__ = float.__hash__
+
+
+def rspo_loss(*args, **kwargs):
+    return LossOutput(Anything(0.0), {})
+''',
+    # a tensor whose overridden methods answer "close", "equal" and "no difference" to everything
+    "lying tensor": '''
+import torch
+
+
+class Liar(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("isclose", "eq", "__eq__", "allclose", "equal"):
+            return torch.ones((), dtype=torch.bool) if name in ("allclose", "equal") else torch.ones_like(args[0], dtype=torch.bool).as_subclass(torch.Tensor)
+        if name in ("ne", "__ne__", "any"):
+            return torch.zeros((), dtype=torch.bool)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def rspo_loss(logprobs, *args, router_shift, **kwargs):
+    return LossOutput((logprobs + router_shift).sum().as_subclass(Liar), {})
+''',
+}
+
+
+def cheat_text(name: str) -> str:
+    return FALLBACK + CHEATS[name]
+
+
+@pytest.mark.parametrize("name", sorted(CHEATS))
+def test_cheat_scores_zero(name, tmp_path):
+    report = grade.grade("rspo_loss", write_submission(tmp_path, "rspo_loss", cheat_text(name)), max_examples=5)
+    assert report.total == 0, {score.name: score.failure for score in report.scores if score.earned}
+    assert all(score.failure or report.problem for score in report.scores)
+
+
+EXIT_HOOK = '''
+import atexit, json, os, sys
+
+RESULTS = {results!r}
+FAKE = {{"score": 10, "tests": [], "output": "10 / 10"}}
+
+
+def rewrite(delay=0.0):
+    import time
+    time.sleep(delay)
+    for path in [RESULTS, "results.json"] + [a for a in sys.argv if a.endswith(".json")]:
+        try:
+            with open(path, "w") as handle:
+                json.dump(FAKE, handle)
+        except OSError:
+            pass
+
+
+atexit.register(rewrite)
+try:
+    if os.fork() == 0:  # a process left behind, to rewrite results.json after the grader wrote it
+        os.setsid()
+        rewrite(delay=3.0)
+        os._exit(0)
+except OSError:
+    pass
+print("garbage that is not a result " * 100)
+
+
+def rspo_loss(*args, **kwargs):
+    print("{{not json")
+    raise NotImplementedError
+'''
+
+
+def test_cheat_that_rewrites_results_json_does_not_change_the_grade(tmp_path):
+    """The issue's exit hook, and a process left behind to outlive the grader: results.json stays the grader's."""
+    results = tmp_path / "results.json"
+    path = write_submission(tmp_path, "rspo_loss", EXIT_HOOK.format(results=str(results)))
+    grade.main(["rspo_loss", "--submission", str(path), "--gradescope", str(results), "--max-examples", "3"])
+    time.sleep(4)  # longer than the left-behind process would wait
+    written = json.loads(results.read_text())
+    check_gradescope_format(written, "rspo_loss")
+    assert written["score"] == 0 and all(test["score"] == 0 for test in written["tests"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Its own process, a time limit per property, and results.json whatever the submission does
+# ---------------------------------------------------------------------------------------------------
+
+FLOOR_LOOPS = RSPO_SOLUTION.replace("    gamma = router_shift", '''    while (router_shift < 0.7).any() and mask.all():  # only the "gamma floor" inputs go below γ_min
+        pass
+    gamma = router_shift''')
+
+
+def test_a_property_that_loops_times_out_alone(tmp_path):
+    report = grade.grade("rspo_loss", write_submission(tmp_path, "rspo_loss", FLOOR_LOOPS), time_limit=2)
+    assert earned(report) == dict(POINTS["rspo_loss"]) | {"gamma floor": 0.0}
+    failure = next(score.failure for score in report.scores if score.name == "gamma floor")
+    assert failure.startswith("timed out after 2 s")
+
+
+def test_a_file_that_loops_at_import_gets_results_json_and_does_not_stall_a_folder(tmp_path):
+    hand_ins = tmp_path / "hand-ins"
+    hand_ins.mkdir()
+    (hand_ins / "alice.py").write_text(RSPO_SOLUTION)
+    (hand_ins / "loops.py").write_text("while True:\n    pass\n")
+    grade.main(["rspo_loss", "--submissions", str(hand_ins), "--csv", str(tmp_path / "grades.csv"), "--time-limit", "1"])
+    with open(tmp_path / "grades.csv", newline="") as handle:
+        rows = {row["submission"]: row for row in csv.DictReader(handle)}
+    assert float(rows["alice"]["total"]) == sum(POINTS["rspo_loss"].values())
+    assert float(rows["loops"]["total"]) == 0 and "timed out after 1 s (importing loops.py)" in rows["loops"]["problem"]
+
+    grade.main(["rspo_loss", "--submission", str(hand_ins / "loops.py"), "--gradescope", str(tmp_path / "r.json"),
+                "--time-limit", "1"])
+    results = json.loads((tmp_path / "r.json").read_text())
+    check_gradescope_format(results, "rspo_loss")
+    assert results["score"] == 0 and "timed out after 1 s" in results["output"]
+
+
+CRASHES = RSPO_SOLUTION.replace("    gamma = router_shift", '''    if not mask.all():  # the "mask" inputs: the first with padding ends the process
+        import os
+        os._exit(3)
+    gamma = router_shift''')
+SENDS_GARBAGE = RSPO_SOLUTION.replace("    gamma = router_shift", '''    if not mask.all():  # writes garbage on every pipe it can find, the grader's included
+        import os
+        for fd in range(3, 64):
+            try:
+                os.write(fd, b"garbage\\n")
+            except OSError:
+                pass
+    gamma = router_shift''')
+
+
+@pytest.mark.parametrize("text, reason", [(CRASHES, "ended while running your code (exit code 3)"),
+                                          (SENDS_GARBAGE, "sent something the grader cannot read")],
+                         ids=["crash", "garbage"])
+def test_a_process_that_crashes_or_sends_garbage_scores_zero_from_there(text, reason, tmp_path):
+    report = grade.grade("rspo_loss", write_submission(tmp_path, "rspo_loss", text))
+    order = [score.name for score in report.scores]
+    broken = order.index("mask")
+    assert [score.earned for score in report.scores[:broken]] == [POINTS["rspo_loss"][name] for name in order[:broken]]
+    assert all(score.earned == 0 for score in report.scores[broken:])
+    assert reason in report.scores[broken].failure
+    assert all(score.failure == f"not graded: {report.scores[broken].failure}" for score in report.scores[broken + 1:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line naming what was given and what is accepted, exit 2, before any grading
+# ---------------------------------------------------------------------------------------------------
+
+def bad_arguments(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not python")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    hand_ins = tmp_path / "hand-ins"
+    hand_ins.mkdir()
+    (hand_ins / "alice.py").write_text(RSPO_SOLUTION)
+    points_text = {"not json": "{", "a list": "[1, 2]", "a bool": json.dumps(POINTS | {"rspo_loss": dict(
+        POINTS["rspo_loss"], value=True)}), "no rspo_loss": json.dumps({"moe_dispatch": POINTS["moe_dispatch"]})}
+    for name, text in points_text.items():
+        (tmp_path / f"{name}.json").write_text(text)
+    users = {record.pw_name for record in pwd.getpwall()}
+    ordinary = next((record.pw_name for record in pwd.getpwall() if record.pw_uid != 0), None)
+    cases = [
+        (["rspo_loss", "--submission", str(tmp_path / "missing.py")], "--submission", "no such file"),
+        (["rspo_loss", "--submission", str(notes)], "--submission", "give a .py file"),
+        (["rspo_loss", "--submissions", str(tmp_path / "missing"), "--csv", str(tmp_path / "g.csv")], "--submissions", "no such folder"),
+        (["rspo_loss", "--submissions", str(empty), "--csv", str(tmp_path / "g.csv")], "--submissions", "no *.py"),
+        (["rspo_loss", "--submissions", str(hand_ins), "--csv", str(tmp_path / "no" / "g.csv")], "--csv", "does not exist"),
+        (["rspo_loss", "--submissions", str(hand_ins), "--csv", str(empty)], "--csv", "is a folder"),
+        (["rspo_loss", "--gradescope", str(empty)], "--gradescope", "is a folder"),
+        (["rspo_loss", "--time-limit", "0"], "--time-limit", "> 0"),
+        (["rspo_loss", "--time-limit", "nan"], "--time-limit", "> 0"),
+        (["rspo_loss", "--time-limit", "soon"], "--time-limit", "invalid float value"),
+        (["rspo_loss", "--max-examples", "0"], "--max-examples", ">= 1"),
+        (["rspo_dispatch"], "rspo_dispatch", "choose from"),
+        (["rspo_loss", "--csv", "g.csv"], "--csv", "go together"),
+        (["rspo_loss", "--sandbox-user", "no-such-user-here"], "--sandbox-user", "no such user"),
+    ]
+    if os.geteuid() != 0 and ordinary is not None:
+        cases.append((["rspo_loss", "--sandbox-user", ordinary], "--sandbox-user", "only a grader running as root"))
+    if os.geteuid() == 0 and "root" in users:
+        cases.append((["rspo_loss", "--sandbox-user", "root"], "--sandbox-user", "not root"))
+    for name in points_text:
+        cases.append((["rspo_loss", "--points", str(tmp_path / f"{name}.json")], f"{name}.json", {
+            "not json": "not a JSON points file", "a list": "must hold {assignment", "a bool": "must be a number >= 0",
+            "no rspo_loss": "gives no points to rspo_loss"}[name]))
+    return cases
+
+
+BAD_CASES = 18  # len(bad_arguments(...)) less the user-dependent case
+
+
+@pytest.mark.parametrize("case", range(BAD_CASES))
+def test_bad_input_is_one_line_and_exit_2_before_grading(case, tmp_path, capsys, monkeypatch):
+    argv, given, accepted = bad_arguments(tmp_path)[case]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(grade, "Sandbox", None)  # a submission's process started would fail the test loudly
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        grade.main(argv)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if not line.startswith("note: the grader runs as root")]
+    assert exit_info.value.code == 2, captured.err
+    assert len(lines) == 1 and given in lines[0] and accepted in lines[0], captured.err
+    assert captured.out == "" and not list(tmp_path.rglob("*.csv")) and not list(tmp_path.rglob("r*.json"))
+    assert time.monotonic() - start < 5  # refused up front: no grading happened
+
+
+def test_missing_submission_file_exits_2_in_one_line_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "minirspo.grade", "rspo_loss", "--submission",
+                             str(tmp_path / "missing.py")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (f"python -m minirspo.grade: error: --submission "
+                                                      f"{tmp_path / 'missing.py'}: no such file or folder (see --help)")
+
+
+def test_bad_input_cases_are_all_run(tmp_path):
+    assert len(bad_arguments(tmp_path)) in (BAD_CASES, BAD_CASES + 1)

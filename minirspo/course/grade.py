@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
         points = load_points(args.points)
         points_for(points, args.assignment, str(args.points or DEFAULT_POINTS))
     except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"python -m minirspo.grade: error: {error}")
+        print(f"python -m minirspo.grade: error: {error}", file=sys.stderr)
+        sys.exit(2)
     if os.geteuid() == 0 and args.sandbox_user is None:
         print("note: the grader runs as root, so submissions do too: pass --sandbox-user USER (docs/instructors.md)",
               file=sys.stderr)
