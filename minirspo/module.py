@@ -125,7 +125,7 @@ class RLModule(L.LightningModule):
         # --old-logprobs rollout has μ for every minibatch; otherwise (R3 included: its routing comes from the
         # rollout) the first minibatch trains from the parameters π_old scores with, so its forward is π_old.
         self.first_minibatch_is_its_own_old = not config.routing_replay and config.old_logprobs == "trainer"
-        self.engine = make_engine(policy, config.rollout_engine, config.rollout_precision)  # the behaviour policy μ
+        self.engine = make_engine(policy, config.rollout_engine, config.rollout_precision, seed=config.seed)  # μ
         self.on_policy_old: OldPolicy | None = None
         self.reference = None
         if config.kl_coef > 0:  # the KL anchor is the policy as it was when RL started
@@ -134,6 +134,9 @@ class RLModule(L.LightningModule):
 
     def configure_model(self):
         parallelize(self)  # fsdp2 sharding and activation checkpointing (minirspo.distributed)
+
+    def teardown(self, stage: str) -> None:
+        self.engine.close()  # a vLLM engine or a low-precision copy goes with the run (one engine alive at a time)
 
     # --- optimiser --------------------------------------------------------------------------------
     def configure_optimizers(self):

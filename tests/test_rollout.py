@@ -228,6 +228,12 @@ BAD_ROLLOUT_FLAGS = [
     (["--rollout-mask", "token", "--top-p", "0.9"], "--top-p"),
     (["--rollout-precision", "bf16", "--strategy", "fsdp2"], "--rollout-precision"),
     (["--gamma-reference", "engine"], "--gamma-reference"),
+    (["--rollout-engine", "vllm", "--rollout-precision", "fp8"], "--rollout-precision"),
+    (["--rollout-engine", "vllm", "--top-p", "0.9"], "--top-p"),
+    (["--rollout-engine", "vllm", "--rollout-routing-replay"], "--rollout-routing-replay"),
+    (["--rollout-engine", "vllm", "--gamma-reference", "rollout"], "--gamma-reference"),
+    (["--rollout-engine", "vllm", "--strategy", "ddp"], "--rollout-engine"),
+    (["--rollout-engine", "vllm"], "--rollout-engine"),  # the default toy's 8 heads of 16 on vLLM's CPU build
 ]
 
 
@@ -247,3 +253,38 @@ def test_r3_and_gamma_against_the_rollout_need_a_router(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(run_args(dense, tmp_path / flags[0], "--loss", "grpo", *flags))
         assert "MoE router" in capsys.readouterr().err
+
+
+def test_vllm_missing_is_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch, tiny_checkpoint):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "vllm" else find_spec(name, *args))
+    wide = save_toy_checkpoint(ToyMoE(ToyMoEConfig(**{**TINY.__dict__, "d_model": 64})), None, tmp_path / "wide.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(run_args(wide, tmp_path / "run", "--rollout-engine", "vllm"))
+    errors = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(errors) == 1 and "make setup VLLM=1" in errors[0], errors
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_toy_exported_as_mixtral_computes_the_toy_s_logits_and_routing():
+    from minirspo.rollout.export import hf_checkpoint_weights, toy_as_mixtral
+    policy = toy_policy(FINE)
+    lm = toy_as_mixtral(policy.model, policy.tokenizer)
+    ids, mask = prompts(policy, n=6)                                                       # left-padded (B, P)
+    positions = (mask.long().cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        toy = policy.model(ids, mask)
+        mixtral = lm(input_ids=ids, attention_mask=mask.long(), position_ids=positions, output_router_logits=True)
+    valid = mask[..., None]
+    # the same float32 numbers through other kernels: only the order of the sums differs (tests/tolerance.py)
+    assert_close_in_ulps(torch.where(valid, mixtral.logits, 0.0), torch.where(valid, toy.logits, 0.0))
+    router = torch.stack([layer.reshape(*ids.shape, -1) for layer in mixtral.router_logits])  # (L, B, P, E)
+    assert_close_in_ulps(torch.where(valid, router, 0.0), torch.where(valid, toy.router_logits, 0.0))
+    top = router.topk(FINE.top_k, dim=-1).indices.sort(-1).values
+    assert torch.equal(top[:, mask], toy.topk_idx.sort(-1).values[:, mask])
+    names = hf_checkpoint_weights(lm)  # what vLLM's in-place reload is fed: per-expert checkpoint names
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in names and len(names) > len(lm.state_dict())
+    dense = ToyMoE(ToyMoEConfig(**{**TINY.__dict__, "moe_layers": ()}))
+    with pytest.raises(ValueError, match="dense layers"):
+        toy_as_mixtral(dense, policy.tokenizer)

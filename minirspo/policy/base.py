@@ -54,6 +54,9 @@ class Policy(ABC):
     """What the RL loop needs from a model. `model` is the nn.Module the optimiser trains."""
 
     model: nn.Module
+    stop_ids: tuple[int, ...]  # tokens that end a response (it keeps the first one)
+    banned: tuple[int, ...]    # tokens never sampled (special tokens other than the stop tokens, ids past the tokenizer)
+    pad_id: int                # what fills a response after its stop token
 
     @property
     @abstractmethod

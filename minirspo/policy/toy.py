@@ -21,6 +21,7 @@ class ToyPolicy(Policy):
                              f"{tokenizer.vocab_size}")
         self.model, self.tokenizer = model, tokenizer
         self.banned = tuple(i for i in tokenizer.special_ids if i != tokenizer.eos_id)
+        self.stop_ids, self.pad_id = (tokenizer.eos_id,), tokenizer.pad_id
 
     @property
     def is_moe(self) -> bool:

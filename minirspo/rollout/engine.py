@@ -38,6 +38,9 @@ class RolloutEngine(ABC):
                top_p: float, generator: torch.Generator | None, record: Record) -> Samples:
         """Responses to left-padded prompts (B, P), and what `record` asks for (`Policy.generate`)."""
 
+    def close(self) -> None:
+        """Free what the engine holds beyond the trainer's own model (its copy, a server); it may start again."""
+
 
 class BuiltinEngine(RolloutEngine):
     """The policy's own KV-cache decode, on the trainer's model ("32") or on a low-precision copy of it."""
@@ -45,6 +48,9 @@ class BuiltinEngine(RolloutEngine):
     def __init__(self, policy: Policy, precision: str = "32"):
         self.trainer, self.precision = policy, precision
         self.copy: LowPrecisionCopy | None = None
+
+    def close(self) -> None:
+        self.copy = None
 
     def sync(self) -> None:
         if self.precision == "32":
