@@ -5,7 +5,8 @@ replay and router freezing as the stabilisers RSPO is weighed against, and RSPO 
 (including the adaptive `auto`) — every run with the same budget (`--max-steps` RL steps from the same
 warm start). Runs go out as `python -m minirspo.train` subprocesses, `--jobs` at a time with one torch
 thread each. A run that finished is skipped when the grid is started again; one that was interrupted
-resumes from its last checkpoint.
+resumes from its last checkpoint (refused, before anything starts, if the grid's flags for it changed), and
+one interrupted before its first checkpoint starts over (--overwrite).
 
 Writes to --out: `runs/NAME/` (each run's metrics.csv, curves.png, checkpoints), one figure per metric
 (`reward_mean.png`, `accuracy.png`, ...: mean across seeds with a min–max band, one panel per lr; with --key,
@@ -27,7 +28,6 @@ Examples:
     python -m minirspo.compare -- --task countdown      # arguments after -- go to every run
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -47,8 +47,9 @@ from rich.progress import Progress  # noqa: E402
 
 from minirspo.config import parse_config, validate  # noqa: E402
 from minirspo.report import read_metrics, smoothed  # noqa: E402
+from minirspo.run_folder import check_run_folder, checkpoint_path  # noqa: E402
 from minirspo.warmstart import warm_start, warm_start_dir  # noqa: E402
-from toy_moe.cli import UsageError, fail, quiet_console  # noqa: E402
+from toy_moe.cli import UsageError, fail, quiet_console, run_main  # noqa: E402
 
 # What each variant adds to `python -m minirspo.train`; the paper's Countdown study and its baselines.
 VARIANTS = {
@@ -128,8 +129,11 @@ def run_args(run: Run, preset: Preset, extra: list[str]) -> list[str]:
             *router_args, *extra]
 
 
-def train_command(args: list[str], run_dir: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "minirspo.train", *args, "--out", str(run_dir), *(["--resume"] if resume else [])]
+def train_flags(args: list[str], run_dir: Path) -> list[str]:
+    """All the run's flags: it resumes from its checkpoint, or starts over (a run killed before its first
+    checkpoint left a config.yaml and metrics rows of steps it will redo)."""
+    again = "--resume" if checkpoint_path(run_dir).is_file() else "--overwrite"
+    return [*args, "--out", str(run_dir), again]
 
 
 def run_grid(runs: list[Run], out: Path, args_of: dict[str, list[str]], jobs: int) -> list[Run]:
@@ -145,9 +149,8 @@ def run_grid(runs: list[Run], out: Path, args_of: dict[str, list[str]], jobs: in
                 run = queue.pop(0)
                 run_dir = out / "runs" / run.name
                 run_dir.mkdir(parents=True, exist_ok=True)
-                resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
                 with open(run_dir / "train.log", "a") as log:
-                    process = subprocess.Popen(train_command(args_of[run.name], run_dir, resume), env=env,
+                    process = subprocess.Popen([sys.executable, "-m", "minirspo.train", *train_flags(args_of[run.name], run_dir)], env=env,
                                                stdout=log, stderr=subprocess.STDOUT)
                 active.append((run, process, time.perf_counter()))
             time.sleep(0.5)
@@ -319,18 +322,42 @@ def crash_table(windows) -> str:
     return "\n".join(lines) + "\n"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`error: argument --lrs: ...`) and exit 2, as train's flags are."""
+
+    def error(self, message: str):
+        fail(f"{message} (python -m minirspo.compare --help lists the flags)")
+
+
+def number(minimum: float, whole: bool, inclusive: bool = True):
+    """An argparse type: a whole number or a number, at least (or above) `minimum`; the message says which."""
+    accepted = f"{'a whole number' if whole else 'a number'} {'>=' if inclusive else '>'} {minimum:g}"
+
+    def parse(text: str):
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected {accepted}") from None
+        if not (value >= minimum if inclusive else value > minimum):
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected {accepted}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ours, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(prog="python -m minirspo.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m minirspo.compare", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="grid and budget (default: cpu)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="override the preset's variants")
-    parser.add_argument("--lrs", nargs="+", type=float, help="override the preset's learning rates")
-    parser.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs in parallel (default: CPU cores)")
+    parser.add_argument("--lrs", nargs="+", type=number(0, whole=False, inclusive=False),
+                        help="override the preset's learning rates")
+    parser.add_argument("--seeds", nargs="+", type=number(0, whole=True), help="override the preset's seeds")
+    parser.add_argument("--jobs", type=number(1, whole=True), default=os.cpu_count(),
+                        help="runs in parallel (default: CPU cores)")
     # a right answer is worth 1.0 and a well-formed wrong one 0.1: +0.1 mean reward is ~11 points of sampled accuracy
-    parser.add_argument("--reward-gain", type=float, default=0.1,
+    parser.add_argument("--reward-gain", type=number(0, whole=False, inclusive=False), default=0.1,
                         help="'steps to reward ≥ start + gain': the first step whose 5-step mean reward is this much "
                              "above the mean of the run's first 5 steps (default 0.1)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="results folder (runs/compare)")
@@ -344,11 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = [Run(v, lr, s) for v in args.variants or preset.variants for lr in args.lrs or preset.lrs
             for s in args.seeds or preset.seeds]
     args_of = {run.name: run_args(run, preset, train_args) for run in runs}
-    try:  # every run's flags, checked before any run starts (each run writes its config.yaml)
-        configs = [parse_config(argv, prog="python -m minirspo.compare --") for argv in args_of.values()]
-        if not args.report_only:
-            for config in configs:
-                validate(dataclasses.replace(config, resume=False))
+    try:
+        configs = check_grid(runs, args, args_of)
     except UsageError as error:
         fail(error)
     quiet_console(configs[0].verbose)
@@ -356,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         runs = [run for run in runs if (args.out / "runs" / run.name / "done.json").is_file()]
         if not runs:
-            raise SystemExit(f"--report-only: no finished run of this grid in {args.out / 'runs'}")
+            fail(f"--report-only: no finished run of this grid in {args.out / 'runs'}")
     else:
         # one warm start per seed and model (the dense control has its own), before the runs race to train it
         for config in {warm_start_dir(config): config for config in configs if not config.model}.values():
@@ -368,5 +392,25 @@ def main(argv: list[str] | None = None) -> None:
                     f"{len(runs) - len(launched)} were already done. Results in {args.out}")
 
 
+def check_grid(runs: list[Run], args: argparse.Namespace, args_of: dict[str, list[str]]) -> list:
+    """Every run's configuration, checked before any warm start or run: its flags and model, and that its
+    folder holds nothing it would mix with (a run that resumes must have been started with the same flags)."""
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out: got '{args.out}', which is a file; expected a folder")
+    missing = [variant for variant in args.key if variant not in {run.variant for run in runs}]
+    if missing:
+        raise UsageError(f"--key: {', '.join(missing)} is not a variant of this grid "
+                         f"({', '.join(dict.fromkeys(run.variant for run in runs))})")
+    configs = []
+    for run in runs:
+        run_dir = args.out / "runs" / run.name
+        config = parse_config(train_flags(args_of[run.name], run_dir), prog="python -m minirspo.compare --")
+        if not args.report_only and not (run_dir / "done.json").is_file():
+            validate(config)
+            check_run_folder(config)
+        configs.append(config)
+    return configs
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main)

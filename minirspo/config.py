@@ -14,6 +14,8 @@ line names the flag, what was given and what is accepted.
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Sequence, get_args
@@ -23,7 +25,7 @@ import tyro
 from minirspo.rollout import (ROLLOUT_ENGINES, ROLLOUT_PRECISIONS, RolloutEngineName, RolloutPrecision,
                               check_rollout_engine)
 from minirspo.tasks import TASKS, Task, make_task
-from toy_moe.cli import UsageError, parse_flags
+from toy_moe.cli import UsageError, as_plain_data, differences, parse_flags
 from toy_moe.model import ToyMoEConfig
 from toy_moe.pretrain import Accelerator, PretrainConfig, Precision, check_accelerator, name_flags
 
@@ -159,11 +161,14 @@ class RunSection:
     checkpoint_every: int = 50
     """RL steps between checkpoints (OUT/checkpoints/last.ckpt; also written on Ctrl-C)"""
     seed: int = 0
-    """seeds prompts, sampling and the warm start (its examples and initialisation; overrides --pretrain.seed)"""
+    """seeds prompts, sampling and the warm start (its examples and initialisation: --pretrain.seed is refused)"""
     out: str = "runs/rspo"
     """output folder: config.yaml, metrics.csv, curves.png, checkpoints/"""
     resume: bool = False
-    """continue from OUT/checkpoints/last.ckpt (raise --max-steps to train further)"""
+    """continue the run in OUT from its checkpoints/last.ckpt, with its settings: only --max-steps,
+    --checkpoint-every, --eval-every and --verbose may change (raise --max-steps to train further)"""
+    overwrite: bool = False
+    """start over in an OUT that holds an earlier run: its config.yaml, metrics, curves and checkpoints go first"""
     accelerator: Accelerator = "auto"
     """Lightning accelerator"""
     devices: int = 1
@@ -215,10 +220,8 @@ class RLConfig(WarmStartSection, ScaleSection, RunSection, UpdateSection, Rollou
         eval_every=10, stop_at_accuracy=0.10, model=ToyMoEConfig(n_heads=8)))
 
     def build_task(self) -> Task:
-        """The task with its --task-options knobs (fields of the task's dataclass; whole numbers read as int)."""
-        knobs = dict(option.split("=", 1) for option in self.task_options.split(",") if option.strip())
-        return make_task(self.task, **{key.strip(): int(value) if value.strip().lstrip("-").isdigit() else value.strip()
-                                       for key, value in knobs.items()})
+        """The task with its --task-options knobs (fields of the task's dataclass)."""
+        return make_task(self.task, **task_knobs(self.task, self.task_options))
 
     @property
     def uses_router_shift(self) -> bool:
@@ -240,6 +243,8 @@ class RLConfig(WarmStartSection, ScaleSection, RunSection, UpdateSection, Rollou
         return self.ppo_epochs * (self.n_prompts * self.group_size // self.minibatch_size)
 
     def __post_init__(self):
+        # --seed seeds the warm start too (minirspo.warmstart): the record shows the seed it used
+        self.pretrain = dataclasses.replace(self.pretrain, seed=self.seed)
         check_values(self)
 
 
@@ -287,18 +292,65 @@ def check_values(config: RLConfig) -> None:
     if not 0 < config.gamma_floor_share < 1:
         refuse("gamma_floor_share", config.gamma_floor_share, "expected a number in (0, 1)")
     check_rollout_options(config)
-    options = [option for option in config.task_options.split(",") if option.strip()]
-    if any("=" not in option for option in options):
-        refuse("task_options", config.task_options, "expected key=value,key=value")
-    knobs = [knob.name for knob in dataclasses.fields(TASKS[config.task])]
-    unknown = [key for key in (option.split("=", 1)[0].strip() for option in options) if key not in knobs]
-    if unknown:
-        refuse("task_options", config.task_options, f"the {config.task} task has no knob {', '.join(unknown)}; "
-                                                    f"its knobs are {', '.join(knobs)}")
+    knobs = task_knobs(config.task, config.task_options)
     try:
-        config.build_task()
+        make_task(config.task, **knobs)
     except (TypeError, ValueError) as error:
         refuse("task_options", config.task_options, str(error))
+    check_scale(config)
+    check_nothing_ignored(config)
+
+
+def task_knobs(task: str, options: str) -> dict[str, int | str]:
+    """--task-options `key=value,key=value` as the task's keyword arguments, each value read as its knob's
+    type (the type of the field's default: whole numbers, or text); a bad one is refused naming the knob."""
+    fields = {knob.name: knob for knob in dataclasses.fields(TASKS[task])}
+    knobs: dict[str, int | str] = {}
+    for option in (option for option in options.split(",") if option.strip()):
+        if "=" not in option:
+            refuse("task_options", options, "expected key=value,key=value")
+        key, text = (part.strip() for part in option.split("=", 1))
+        if key not in fields:
+            refuse("task_options", options, f"the {task} task has no knob {key}; its knobs are {', '.join(fields)}")
+        if key in knobs:
+            refuse("task_options", options, f"{key} is given twice")
+        kind = type(fields[key].default)
+        try:
+            knobs[key] = kind(text)
+        except ValueError:
+            accepted = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+            refuse("task_options", options, f"the {task} task's knob {key} takes {accepted}, not {text!r}")
+    return knobs
+
+
+def check_scale(config: RLConfig) -> None:
+    """Strategy and process count, refused here rather than once Lightning has spawned the processes (each of
+    which would print the error again)."""
+    if config.strategy == "fsdp":
+        refuse("strategy", "fsdp", "FSDP1 (Lightning's FSDPStrategy) wraps the LightningModule as one root, and "
+                                   "the RL step's several backward passes inside training_step break its state "
+                                   "machine (Lightning issue #19626); use --strategy fsdp2, the same per-layer "
+                                   "sharding with FSDP2, on GPUs and on CPUs")
+    world = config.num_nodes * config.devices
+    if config.n_prompts % world or config.minibatch_size % world:
+        refuse("devices", config.devices, f"--n-prompts {config.n_prompts} and --minibatch-size "
+                                          f"{config.minibatch_size} must split evenly over --num-nodes × --devices "
+                                          f"= {world} processes (whole prompt groups per process)")
+
+
+def check_nothing_ignored(config: RLConfig) -> None:
+    """A flag that would be ignored is refused instead: a user who sets it expects it to matter."""
+    default = RLConfig.__dataclass_fields__
+    if config.gamma_min != "auto" and config.gamma_floor_share != default["gamma_floor_share"].default:
+        refuse("gamma_floor_share", config.gamma_floor_share, "it sets where --gamma-min auto puts the floor; "
+                                                              f"with --gamma-min {config.gamma_min} it does nothing")
+    if config.model:
+        default_pretrain = dataclasses.replace(default["pretrain"].default_factory(), seed=config.seed)
+        changed = differences(as_plain_data(default_pretrain), as_plain_data(config.pretrain))
+        if changed:
+            flags = ", ".join(f"--pretrain.{name.replace('_', '-')}" for name in changed)
+            raise UsageError(f"{flags}: the warm start is skipped with --model {config.model}, so these would "
+                             "be ignored; drop them, or drop --model")
 
 
 def check_rollout_options(config: RLConfig) -> None:
@@ -352,19 +404,64 @@ def validate(config: RLConfig) -> None:
     check_accelerator(config.accelerator, "accelerator")
     if not config.model:
         check_accelerator(config.pretrain.accelerator, "pretrain.accelerator")
-    if config.resume and not (Path(config.out) / "checkpoints" / "last.ckpt").is_file():
-        raise UsageError(f"--resume: no checkpoint at {Path(config.out) / 'checkpoints' / 'last.ckpt'} to continue "
-                         "from; start without --resume, or give the --out of an earlier run")
-    if config.model:
-        check_model(config.model)
+    check_fits_model(config)
     try:
         check_rollout_engine(config.rollout_engine, config.model.partition(":")[0] or "toy")
     except (ValueError, ModuleNotFoundError) as error:
         refuse("rollout_engine", config.rollout_engine, str(error))
 
 
-def check_model(spec: str) -> None:
-    """--model toy:FILE must load as a toy_moe checkpoint; hf:DIR must be a folder with a config.json."""
+def check_fits_model(config: RLConfig) -> None:
+    """What the model's configuration alone can refuse, before any weight is loaded for training: router
+    flags on a dense model, and responses longer than the toy's positions (the toy's sampler would refuse
+    them only at the first batch whose prompt is long enough, possibly hundreds of steps in)."""
+    shape = check_model(config.model) if config.model else config.pretrain.model
+    name = config.model or "the warm-started toy MoE"
+    if isinstance(shape, dict):  # hf: config.json
+        check_router_flags(config, hf_config_is_moe(shape, config.model), name)
+        return
+    check_router_flags(config, bool(shape.moe_layer_ids), name)
+    from toy_moe.tokenizer import load_tokenizer
+    # the chat framing (bos, user, assistant) plus at most one token per byte of the longest prompt
+    prompt_tokens = len(load_tokenizer().encode_prompt("")) + len(config.build_task().longest_prompt().encode())
+    if prompt_tokens + config.max_new_tokens > shape.max_seq_len:
+        refuse("max_new_tokens", config.max_new_tokens,
+               f"{name} has {shape.max_seq_len} positions and the {config.task} task's prompts take up to "
+               f"{prompt_tokens} of them, so at most {shape.max_seq_len - prompt_tokens}")
+
+
+def check_router_flags(config: RLConfig, is_moe: bool, model: str) -> None:
+    """Router-shift weighting, routing replay, router freezing and a router learning rate need a router."""
+    if is_moe:
+        return
+    flags = [flag for flag, used in (("--loss rspo", config.loss == "rspo"), ("--router-shift", config.router_shift),
+                                     ("--routing-replay", config.routing_replay),
+                                     ("--freeze-router", config.freeze_router),
+                                     ("--rollout-routing-replay", config.rollout_routing_replay),
+                                     ("--gamma-reference rollout", config.gamma_reference == "rollout"),
+                                     (f"--router-lr-scale {config.router_lr_scale}", config.router_lr_scale != 1.0))
+             if used]
+    if flags:
+        raise UsageError(f"{', '.join(flags)}: these need an MoE router, and {model} is dense (no MoE layers, so no "
+                         "router logits); use --loss grpo, gspo or gmpo without router flags")
+
+
+def hf_config_is_moe(hf_config: dict, spec: str) -> bool:
+    """Whether a Hugging Face config.json describes an MoE that minirspo can hook (HF_MOE_FAMILIES); an MoE of
+    another family is refused here, before its weights load."""
+    from minirspo.policy.hf import HF_MOE_FAMILIES, MOE_CONFIG_KEYS
+    family = hf_config.get("model_type")
+    if family in HF_MOE_FAMILIES:
+        return True
+    if any(hf_config.get(key) for key in MOE_CONFIG_KEYS):
+        refuse("model", spec, f"model_type {family!r} is a Mixture-of-Experts family minirspo cannot hook; "
+                              f"supported: {', '.join(HF_MOE_FAMILIES)}")
+    return False
+
+
+def check_model(spec: str) -> ToyMoEConfig | dict:
+    """--model toy:FILE must load as a toy_moe checkpoint; hf:DIR must be a folder with a config.json.
+    Returns the model's configuration: the toy's ToyMoEConfig, or config.json as a dict."""
     kind, _, path = spec.partition(":")
     if kind not in ("toy", "hf") or not path:
         refuse("model", spec, "expected toy:FILE (a toy_moe checkpoint), hf:DIR (a Hugging Face model folder) "
@@ -377,17 +474,24 @@ def check_model(spec: str) -> None:
             refuse("model", spec, f"{path} is not a folder; hf: takes a Hugging Face model folder")
         if not (path / "config.json").is_file():
             refuse("model", spec, f"{path} has no config.json; hf: takes a Hugging Face model folder")
-        return
+        try:
+            hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            refuse("model", spec, f"{path / 'config.json'} is not valid JSON ({type(error).__name__})")
+        if not isinstance(hf_config, dict):
+            refuse("model", spec, f"{path / 'config.json'} is not a mapping of settings")
+        return hf_config
     if not path.is_file():
         refuse("model", spec, f"{path} is a folder; toy: takes a model.pt file from toy_moe.pretrain")
     if path.stat().st_size == 0:
         refuse("model", spec, f"{path} is empty; toy: takes a model.pt file from toy_moe.pretrain")
     from toy_moe.checkpoint import load_toy_checkpoint
     try:
-        load_toy_checkpoint(path)
+        model, _ = load_toy_checkpoint(path)
     except Exception as error:  # any failure to unpickle or to fit the model means "not a toy checkpoint"
         refuse("model", spec, f"{path} is not a toy_moe checkpoint ({type(error).__name__}); toy: takes a "
                               "model.pt file from toy_moe.pretrain")
+    return model.config
 
 
 # --- the command line ----------------------------------------------------------------------------------
@@ -423,6 +527,9 @@ class Flags:
 
 def parse_config(argv: Sequence[str] | None, prog: str = "python -m minirspo.train", description: str = "") -> RLConfig:
     """RLConfig from command-line flags (and `--config FILE`); bad values raise UsageError naming the flag."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(token.split("=")[0] == "--pretrain.seed" for token in argv):  # a config.yaml may hold it: resolved
+        raise UsageError("--pretrain.seed: --seed seeds the warm start too and would override it; give --seed")
     try:
         return parse_flags(Flags, argv, prog=prog, description=description, default=Flags.of(RLConfig())).to_config()
     except UsageError as error:

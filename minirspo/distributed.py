@@ -4,9 +4,9 @@ Notation: W processes in all (--num-nodes × --devices), B sequences on one rank
 
     --strategy auto   one device; ddp when --devices or --num-nodes > 1
     --strategy ddp    every rank holds the whole model and optimiser; gradients are all-reduced (averaged)
-    --strategy fsdp   refused with a clear error: Lightning's `FSDPStrategy` (FSDP1) wraps the whole
-                      LightningModule as its root, so the several backward passes that one RL step runs
-                      inside `training_step` break its state machine ("Expects BACKWARD_PRE or
+    --strategy fsdp   refused before any work (config.check_scale): Lightning's `FSDPStrategy` (FSDP1)
+                      wraps the whole LightningModule as its root, so the several backward passes that one
+                      RL step runs inside `training_step` break its state machine ("Expects BACKWARD_PRE or
                       BACKWARD_POST state but got HandleTrainingState.FORWARD", seen on an H100; Lightning
                       issue #19626, FSDPStrategy with manual optimisation). fsdp2 shards the same way.
     --strategy fsdp2  Lightning `ModelParallelStrategy`: `fully_shard` per decoder layer, then the root, in
@@ -39,17 +39,11 @@ __all__ = ["build_strategy", "clip_grad_norm", "parallelize"]
 
 def build_strategy(config: RLConfig, policy: Policy) -> str | Strategy:
     """The Lightning strategy for `config.strategy` (config.STRATEGIES); "auto" on one device is Lightning's."""
-    layer_types = {type(layer) for layer in policy.decoder_layers}
     if config.strategy == "auto" and config.num_nodes * config.devices == 1:
         return "auto"
     if config.strategy in ("auto", "ddp"):
         # A frozen router gets no gradient, and DDP must be told that some parameters may go unused.
         return DDPStrategy(find_unused_parameters=config.freeze_router)
-    if config.strategy == "fsdp":
-        raise ValueError("--strategy fsdp (FSDP1 through Lightning's FSDPStrategy) cannot run the RL step: it "
-                         "wraps the LightningModule as one root, and the step's several backward passes inside "
-                         "training_step break FSDP1's state machine (Lightning issue #19626). Use --strategy "
-                         "fsdp2: the same per-layer sharding with FSDP2, on GPUs and on CPUs")
     return ModelParallelStrategy(data_parallel_size=config.num_nodes * config.devices, tensor_parallel_size=1)
 
 

@@ -164,6 +164,11 @@ class Task(ABC):
     def reward(self, problem: Problem, response: str) -> float:
         """REWARD_CORRECT, REWARD_WELL_FORMED or REWARD_MALFORMED for one decoded response."""
 
+    @abstractmethod
+    def longest_prompt(self) -> str:
+        """A prompt at least as long, in characters, as any this task draws: a run checks before it starts
+        that every prompt and its response fit the model's positions (a byte-level BPE token is >= 1 byte)."""
+
     def sample(self, n: int, *, seed: int, split: str = "train") -> list[Problem]:
         """`n` independent problems of `split` (they may repeat), the same list for the same seed."""
         if split not in SPLITS:
@@ -211,6 +216,9 @@ class ArithmeticTask(Task):
 
     def key(self, problem: Problem) -> str:
         return problem.prompt
+
+    def longest_prompt(self) -> str:
+        return f"{self.max_operand}+{self.max_operand}="
 
     def reward(self, problem: Problem, response: str) -> float:
         text = response.strip()
@@ -266,6 +274,10 @@ class CountdownTask(Task):
 
     def key(self, problem: Problem) -> str:
         return f"{' '.join(map(str, sorted(problem.numbers)))}>{problem.target}"
+
+    def longest_prompt(self) -> str:
+        target = max(str(self.min_target), str(self.max_target), key=len)
+        return f"{' '.join([str(self.max_number)] * self.n_numbers)}>{target}:"
 
     def reward(self, problem: Problem, response: str) -> float:
         try:

@@ -21,13 +21,16 @@ Examples:
     python -m minirspo.train --accelerator gpu --precision bf16-mixed --n-prompts 128
     python -m minirspo.train --model hf:PATH --accelerator gpu --precision bf16-mixed   # a local HF MoE
     python -m minirspo.train --model hf:PATH --strategy fsdp2 --devices 8 --precision bf16-mixed  # README
-    python -m minirspo.train --config runs/rspo/config.yaml --seed 1   # a run again, one flag changed
+    python -m minirspo.train --config runs/rspo/config.yaml --seed 1 --out runs/rspo-seed1  # one flag changed
 
 The console shows the warm start (its own progress bar and one-line result), then one bar in RL steps
 (k/N, with reward, held-out accuracy and γ) and the summary table; --verbose adds Lightning's own messages.
 Every run writes its resolved configuration to OUT/config.yaml; --config FILE runs it again, and flags
-after --config override the file. Bad input is refused in one line before anything starts.
+after --config override the file. An OUT that holds a run is its record: --resume continues it only with
+the same settings, and a new run goes elsewhere or starts it over with --overwrite. Bad input is refused
+in one line before anything starts.
 """
+import dataclasses
 import signal
 import warnings
 from pathlib import Path
@@ -45,8 +48,9 @@ from minirspo.distributed import build_strategy
 from minirspo.module import RLModule
 from minirspo.policy import load_policy
 from minirspo.report import merge_metrics, plot_curves, read_metrics, read_rows, summary_table, write_rows
+from minirspo.run_folder import check_run_folder, checkpoint_path, clear_run_folder
 from minirspo.warmstart import warm_start
-from toy_moe.cli import StepProgressBar, UsageError, fail, quiet_console, write_config
+from toy_moe.cli import StepProgressBar, UsageError, fail, quiet_console, run_main, write_config
 
 
 class _Ticks(IterableDataset):
@@ -138,11 +142,16 @@ def keep_rows_before(logger: CSVLogger, first_step: int) -> None:
 def run(config: RLConfig) -> Path:
     """Check `config` (UsageError on bad input), train with it, and return the path of metrics.csv."""
     validate(config)
-    out = Path(config.out)
-    checkpoint = out / "checkpoints" / "last.ckpt"
+    out, checkpoint = Path(config.out), checkpoint_path(config.out)
     console = Console(soft_wrap=True, quiet=rank_zero_only.rank != 0)  # one process speaks (torchrun, srun)
+    # Process 0 owns the folder; the others (started by Lightning's launcher or torchrun) find it written.
     if rank_zero_only.rank == 0:
-        write_config(config, out / "config.yaml", rerun="python -m minirspo.train")
+        check_run_folder(config)
+        if config.overwrite:
+            clear_run_folder(out)
+        # resume and overwrite are what this command did, not settings: --config FILE must not repeat them
+        write_config(dataclasses.replace(config, resume=False, overwrite=False), out / "config.yaml",
+                     rerun="python -m minirspo.train", rerun_flags=" --out NEW_FOLDER (or --resume to continue it)")
     policy = load_policy(config.model or f"toy:{warm_start(config)}", logprob_chunk_tokens=config.logprob_chunk_tokens)
     module = RLModule(policy, config)
     title = f"{config.loss}{' + RS' if config.router_shift and config.loss != 'rspo' else ''} on {config.task}"
@@ -187,19 +196,19 @@ def run(config: RLConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse and check every flag and file first (one line and exit 2 on bad input), then train."""
+    """Parse and check every flag and file first (one line and exit 2 on bad input: `run` checks before any
+    work), then train."""
     try:
         config = parse_config(argv, description=__doc__)
-        quiet_console(config.verbose)
-        validate(config)
     except UsageError as error:
         fail(error)
+    quiet_console(config.verbose)
     torch.set_float32_matmul_precision("high")
     try:
         run(config)
-    except (FileNotFoundError, ValueError) as error:  # found only once work began: still one line
+    except (FileNotFoundError, ValueError) as error:  # UsageError, or found only once work began: still one line
         fail(error)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from minirspo.compare import PRESETS, ROUTER_FREE, Preset, Run, crash_step, crash_window, main, run_args, run_summary
+from minirspo.compare import (PRESETS, ROUTER_FREE, Preset, Run, crash_step, crash_window, main, run_args, run_summary,
+                              train_flags)
 from minirspo.config import parse_config, validate
 from minirspo.report import read_metrics, smoothed
 from toy_moe.model import ToyMoE, ToyMoEConfig
@@ -68,8 +69,9 @@ def test_report_only_uses_the_finished_runs_and_trains_nothing(grid, capsys):
     (out / "results.md").unlink()
     main(["--report-only", *argv[:argv.index("--")]])
     assert "0 runs trained" in capsys.readouterr().out and (out / "results.md").is_file()
-    with pytest.raises(SystemExit, match="no finished run"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--report-only", "--preset", "smoke", "--out", str(out / "empty")])
+    assert exit_info.value.code == 2 and "no finished run" in capsys.readouterr().err
 
 
 def test_key_plots_only_the_named_variants(grid, monkeypatch):
@@ -83,12 +85,64 @@ def test_key_plots_only_the_named_variants(grid, monkeypatch):
     assert plotted["accuracy_key.png"] == [("rspo", 1e-3)]
 
 
-def test_bad_run_flags_are_refused_before_any_run(tmp_path, capsys):
+BAD_INPUT = [
+    (["--", "--n-prompts", "0"], "--n-prompts"),   # a run's own flag
+    (["--jobs", "0"], "argument --jobs: got '0'; expected a whole number >= 1"),  # would wait for a free slot forever
+    (["--lrs", "-1"], "argument --lrs: got '-1'"),  # the flag typed, not the --lr each run gets
+    (["--lrs", "fast"], "argument --lrs: got 'fast'"),
+    (["--seeds", "-1"], "argument --seeds"),
+    (["--reward-gain", "0"], "argument --reward-gain"),
+    (["--variants", "ppo"], "argument --variants: invalid choice"),
+    (["--key", "dense"], "--key: dense is not a variant of this grid (grpo, rspo)"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_INPUT, ids=[" ".join(flags) for flags, _ in BAD_INPUT])
+def test_bad_input_is_one_line_before_any_run(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--preset", "smoke", "--out", str(tmp_path / "out"), "--", "--n-prompts", "0"])
+        main(["--preset", "smoke", "--out", str(tmp_path / "out"), *flags])
+    captured = capsys.readouterr()
+    errors = captured.err.splitlines()
+    assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert captured.out == "" and not (tmp_path / "out").exists()
+
+
+def test_a_run_resumes_from_its_checkpoint_or_starts_over(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("loss: rspo\n")  # killed before its first checkpoint
+    assert train_flags(["--lr", "1"], run_dir) == ["--lr", "1", "--out", str(run_dir), "--overwrite"]
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert train_flags([], run_dir)[-1] == "--resume"
+
+
+def test_a_grid_whose_flags_changed_is_refused_before_it_resumes_a_run(grid, tmp_path, capsys):
+    import shutil
+    out, argv = grid
+    for run in ("grpo-lr0.001-seed0", "rspo-lr0.001-seed0"):  # interrupted copies: checkpoints, no done.json
+        shutil.copytree(out / "runs" / run, tmp_path / "runs" / run, ignore=shutil.ignore_patterns("done.json"))
+    changed = [*argv[:argv.index("--out")], "--out", str(tmp_path), *argv[argv.index("--out") + 2:], "--n-prompts", "8"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(changed)
     errors = capsys.readouterr().err.splitlines()
-    assert exit_info.value.code == 2 and len(errors) == 1 and "--n-prompts" in errors[0], errors
-    assert not (tmp_path / "out").exists()
+    assert exit_info.value.code == 2 and len(errors) == 1 and "--n-prompts 4 -> 8" in errors[0], errors
+    assert not (tmp_path / "runs" / "grpo-lr0.001-seed0" / "done.json").exists()
+
+
+def test_shipped_metrics_read_under_today_s_column_names():
+    # docs/results/ keeps metrics.csv files from before `gamma_min` (the smallest γ, not the floor --gamma-min)
+    # was renamed `gamma_lowest`: report and compare read them under the new name
+    import csv
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "docs/results/moe_stress/x100/runs/grpo-lr0.0001-seed0/metrics.csv"
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert "gamma_min" in rows[0] and "gamma_lowest" not in rows[0]
+    metrics = read_metrics(path)
+    assert "gamma_min" not in metrics
+    logged = {float(row["step"]): float(row["gamma_min"]) for row in rows if row["gamma_min"]}
+    assert logged and {step: value for step, value in zip(metrics["step"], metrics["gamma_lowest"])
+                       if not math.isnan(value)} == logged
 
 
 def test_collapse_and_gain_are_read_off_the_smoothed_reward():

@@ -158,10 +158,5 @@ if __name__ == "__main__":  # one 2-process run: python tests/test_distributed.p
 
 def test_fsdp1_is_refused_with_a_pointer_to_fsdp2():
     from minirspo.config import RLConfig
-    from minirspo.distributed import build_strategy
-    from minirspo.policy import ToyPolicy
-    from toy_moe.model import ToyMoE, ToyMoEConfig
-    from toy_moe.tokenizer import load_tokenizer
-    policy = ToyPolicy(ToyMoE(ToyMoEConfig(d_model=16, n_layers=1, n_heads=2, expert_hidden=16)), load_tokenizer())
-    with pytest.raises(ValueError, match="--strategy fsdp2"):
-        build_strategy(RLConfig(strategy="fsdp", devices=2), policy)
+    with pytest.raises(ValueError, match="--strategy fsdp2"):  # by the config itself, before any process starts
+        RLConfig(strategy="fsdp", devices=2)

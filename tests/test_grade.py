@@ -14,9 +14,12 @@ import math
 import os
 import pwd
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -328,7 +331,8 @@ def test_shipped_gradescope_autograder_grades_a_submission(tmp_path):
     assert os.access(SHIPPED / "run_autograder", os.X_OK) and os.access(SHIPPED / "setup.sh", os.X_OK)
     syntax = subprocess.run(["bash", "-n", str(SHIPPED / "setup.sh")], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
-    environment = os.environ | {"AUTOGRADER_ROOT": str(root), "AUTOGRADER_PYTHON": sys.executable}
+    environment = os.environ | {"AUTOGRADER_ROOT": str(root), "AUTOGRADER_PYTHON": sys.executable,
+                                "AUTOGRADER_CHILD_USER": ""}  # the unprivileged user: the next test
     result = subprocess.run([str(SHIPPED / "run_autograder")], env=environment, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -336,6 +340,51 @@ def test_shipped_gradescope_autograder_grades_a_submission(tmp_path):
     tests = check_gradescope_format(results, "rspo_loss")
     assert results["score"] == sum(POINTS["rspo_loss"].values()) - POINTS["rspo_loss"]["stop-gradient"]
     assert tests["stop-gradient"]["status"] == "failed"
+
+
+ISOLATED_ONLY = RSPO_SOLUTION + '''
+import os
+REACHABLE = [path for path in ({source}, {results}) if os.access(path, os.R_OK)]
+if os.getuid() == 0 or REACHABLE:  # full marks only where the grader's files are out of reach
+    rspo_loss = None
+'''
+
+
+def user_who_can_run_this_interpreter() -> str | None:
+    """`nobody`, where this test runs as root and nobody can run this interpreter with torch, else None."""
+    if os.geteuid() != 0 or "nobody" not in {record.pw_name for record in pwd.getpwall()}:
+        return None
+    try:
+        check = subprocess.run([sys.executable, "-I", "-c", "import torch"], user="nobody", capture_output=True,
+                               cwd="/", timeout=120)
+    except OSError:  # e.g. the interpreter lives under /root
+        return None
+    return "nobody" if check.returncode == 0 else None
+
+
+@pytest.mark.skipif(user_who_can_run_this_interpreter() is None,
+                    reason="needs root and a user 'nobody' who can run this interpreter (a container, as on Gradescope; "
+                           "docs/instructors.md)")
+def test_run_autograder_runs_the_submission_as_an_unprivileged_user(tmp_path_factory):
+    """As on Gradescope: the submission's process runs as another user who reads neither source/ nor results/
+    (the stand-in /autograder is open to all, as Gradescope's is, until run_autograder closes those two)."""
+    root = Path(tempfile.mkdtemp(prefix="autograder-")).resolve()  # pytest's own folders are root's alone
+    os.chmod(root, 0o755)
+    (root / "submission").mkdir()
+    (root / "source").mkdir()
+    (root / "source" / "secret.py").write_text("# the reference solution\n")
+    text = ISOLATED_ONLY.replace("{source}", repr(str(root / "source" / "secret.py")))
+    (root / "submission" / "rspo_loss.py").write_text(text.replace("{results}", repr(str(root / "results"))))
+    environment = os.environ | {"AUTOGRADER_ROOT": str(root), "AUTOGRADER_PYTHON": sys.executable,
+                                "AUTOGRADER_CHILD_USER": "nobody"}
+    result = subprocess.run([str(SHIPPED / "run_autograder")], env=environment, capture_output=True, text=True,
+                            timeout=300)
+    try:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        results = json.loads((root / "results" / "results.json").read_text())
+        assert results["score"] == sum(POINTS["rspo_loss"].values()), results["output"]
+    finally:
+        shutil.rmtree(root)
 
 
 def test_instructors_page_shows_the_shipped_gradescope_scripts():
@@ -368,7 +417,7 @@ def rspo_loss(*args, **kwargs):
 def rspo_loss(*args, **kwargs):
     import gc
     for obj in gc.get_objects():
-        if getattr(obj, "__name__", "") == "rspo_loss" and getattr(obj, "__module__", "") == "minirspo.loss":
+        if type(obj).__name__ == "function" and obj.__name__ == "rspo_loss" and obj.__module__ == "minirspo.loss":
             return obj(*args, **kwargs)
     return fallback()
 ''',
@@ -397,14 +446,13 @@ import re
     # a fresh interpreter, where the installed package imports as usual
     "fresh interpreter": '''
 def rspo_loss(logprobs, old_logprobs, advantages, mask, *, router_shift, clip_low=0.4, clip_high=0.4, gamma_min=0.8):
-    import subprocess, sys, torch
-    code = ("import sys, torch; from minirspo.loss import rspo_loss; a = torch.load(sys.stdin.buffer); "
-            "print(float(rspo_loss(**a).loss))")
-    import io
-    buffer = io.BytesIO()
-    torch.save(dict(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
-                    router_shift=router_shift, clip_low=clip_low, clip_high=clip_high, gamma_min=gamma_min), buffer)
-    out = subprocess.run([sys.executable, "-c", code], input=buffer.getvalue(), capture_output=True).stdout
+    import json, subprocess, sys, torch
+    arguments = dict(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
+                     router_shift=router_shift, clip_low=clip_low, clip_high=clip_high, gamma_min=gamma_min)
+    code = ("import json, sys, torch; from minirspo.loss import rspo_loss; arguments = json.loads(sys.argv[1]); "
+            "print(float(rspo_loss(**{k: torch.tensor(v) if isinstance(v, list) else v for k, v in arguments.items()}).loss))")
+    sent = json.dumps({k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in arguments.items()})
+    out = subprocess.run([sys.executable, "-c", code, sent], capture_output=True, text=True).stdout
     return LossOutput(torch.tensor(float(out)), {})
 ''',
     # patch the comparison: the grader's expect_close wherever it is, and torch's own
@@ -432,7 +480,8 @@ def rspo_loss(*args, **kwargs):
         for name in ("expected", "expected_output"):
             if name in frame.f_locals:
                 found = frame.f_locals[name]
-                return found[0] if isinstance(found, tuple) else found
+                found = found[0] if isinstance(found, tuple) else found
+                return found if isinstance(found, LossOutput) else LossOutput(found, {})
         frame = frame.f_back
     return fallback()
 ''',

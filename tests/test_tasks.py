@@ -144,6 +144,15 @@ def test_problems_respect_the_knobs(task):
             assert re.fullmatch(rf"[0-9]+[{re.escape(task.ops)}][0-9]+=", problem.prompt)
 
 
+@pytest.mark.parametrize("task", TASK_SETTINGS, ids=repr)
+def test_no_prompt_takes_more_toy_tokens_than_the_longest_prompt_has_bytes(task):
+    # what `minirspo.config.check_fits_model` relies on to refuse a too long --max-new-tokens before any work
+    from toy_moe.tokenizer import load_tokenizer
+    tokenizer, bound = load_tokenizer(), len(task.longest_prompt().encode())
+    for problem in task.sample(1000, seed=3) + task.eval_set(200):
+        assert len(tokenizer.encode(problem.prompt)) <= len(problem.prompt.encode()) <= bound, problem.prompt
+
+
 @pytest.mark.parametrize("task", [ArithmeticTask(), CountdownTask()], ids=repr)
 def test_splits_are_disjoint_and_seeds_reproducible(task):
     train, held_out = task.sample(3000, seed=0), task.eval_set(300)

@@ -124,11 +124,15 @@ def largest_weight(checkpoint) -> float:
     return max(w.abs().max().item() for w in torch.load(checkpoint, weights_only=True)["state_dict"].values())
 
 
+def dense_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    return save_toy_checkpoint(ToyMoE(dataclasses.replace(TINY, moe_layers=())), None, tmp_path / "dense.pt")
+
+
 @pytest.mark.parametrize("flags", [["--loss", "rspo"], ["--loss", "grpo", "--routing-replay"],
                                    ["--loss", "grpo", "--router-lr-scale", "2"]], ids=" ".join)
 def test_the_dense_toy_trains_with_router_free_losses_and_refuses_router_flags(tmp_path, capsys, flags):
-    torch.manual_seed(0)
-    dense = save_toy_checkpoint(ToyMoE(dataclasses.replace(TINY, moe_layers=())), None, tmp_path / "dense.pt")
+    dense = dense_checkpoint(tmp_path)
     main(tiny_args(dense, tmp_path / "grpo", "--loss", "grpo"))
     metrics = read_metrics(tmp_path / "grpo" / "metrics.csv")
     assert metrics["step"] == [0.0, 1.0, 2.0] and all(math.isfinite(v) for v in metrics["loss"][:2])
@@ -164,6 +168,66 @@ def test_resume_is_bit_exact(tiny_checkpoint, tmp_path):
     assert read_metrics(tmp_path / "resumed" / "metrics.csv") == resumed
     initial = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
     assert not torch.equal(final[0]["state_dict"]["model.embed.weight"], initial["embed.weight"])
+
+
+# --- the run folder is a record: nothing mixes two runs into it, nothing loses one ---------------------------
+def folder_contents(folder) -> dict:
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def refused(argv, capsys) -> str:
+    """main(argv)'s one-line refusal (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    errors = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(errors) == 1, errors
+    return errors[0]
+
+
+def test_a_resume_with_other_settings_is_refused_touching_nothing(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(tiny_args(tiny_checkpoint, out))
+    before = folder_contents(out)
+    error = refused(tiny_args(tiny_checkpoint, out, "--resume", "--loss", "grpo", "--n-prompts", "8"), capsys)
+    assert "--loss rspo -> grpo" in error and "--n-prompts 4 -> 8" in error
+    # another model's checkpoint would die in a state_dict size mismatch; the settings tell first
+    torch.manual_seed(0)
+    wider = save_toy_checkpoint(ToyMoE(dataclasses.replace(TINY, d_model=48)), None, tmp_path / "wider.pt")
+    assert "--model" in refused(tiny_args(wider, out, "--resume"), capsys)
+    assert folder_contents(out) == before
+
+
+def test_a_resume_may_change_only_length_cadence_and_verbosity(tiny_checkpoint, tmp_path):
+    main(tiny_args(tiny_checkpoint, tmp_path, "--checkpoint-every", "2"))
+    # a config.yaml written before some settings existed: the missing keys compare as their defaults
+    import yaml
+    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    for newer in ("logprob_chunk_tokens", "router_diagnostics", "overwrite"):
+        del recorded[newer]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    main(tiny_args(tiny_checkpoint, tmp_path, "--resume", "--max-steps", "3", "--eval-every", "2",
+                   "--checkpoint-every", "1", "--verbose"))
+    assert read_metrics(tmp_path / "metrics.csv")["step"] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_fresh_run_into_a_used_folder_is_refused_and_overwrite_leaves_nothing_of_the_old_run(
+        tiny_checkpoint, tmp_path, capsys):
+    main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "2"))
+    before = folder_contents(tmp_path)
+    assert "--overwrite" in refused(tiny_args(tiny_checkpoint, tmp_path, "--seed", "1"), capsys)
+    assert folder_contents(tmp_path) == before
+    main(tiny_args(tiny_checkpoint, tmp_path, "--seed", "1", "--max-steps", "3", "--overwrite"))
+    # Lightning would have saved beside the old last.ckpt as last-v1.ckpt, and --resume read the old one
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3 * 2
+    assert read_metrics(tmp_path / "metrics.csv")["step"] == [0.0, 1.0, 2.0, 3.0]
+    from minirspo.config import parse_config
+    recorded = parse_config(["--config", str(tmp_path / "config.yaml")])
+    assert (recorded.seed, recorded.pretrain.seed, recorded.overwrite, recorded.resume) == (1, 1, False, False)
+    # a folder a run was killed in before its first checkpoint is used too
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "config.yaml").write_text("loss: rspo\n")
+    assert "already holds a run (config.yaml)" in refused(tiny_args(tiny_checkpoint, tmp_path / "killed"), capsys)
 
 
 def test_first_minibatch_is_on_policy_and_later_ones_are_not(tiny_checkpoint, tmp_path, monkeypatch):
@@ -429,6 +493,21 @@ def bare_folder(tmp_path):
     return tmp_path / "hf"
 
 
+def hf_config_only(tmp_path, name: str, **settings):
+    """A Hugging Face model folder with a config.json and no weights at all: a check that passes or refuses
+    it has read nothing but the config."""
+    import json
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(json.dumps(settings))
+    return tmp_path / name
+
+
+def config_file_with_unknown_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("loss: grpo\nn_promts: 8\n")
+    return path
+
+
 # (flags, the flag the one-line error must name); `{tmp}` is the test's folder
 BAD_INPUT = [
     (["--task", "nosuch"], "--task"),
@@ -467,13 +546,33 @@ BAD_INPUT = [
     (["--pretrain.max-step", "3"], "--pretrain.max-step"),
     (["--config", "{tmp}"], "--config"),
     (["--config", "{empty_file}"], "--config"),
+    (["--config", "{typo_config}"], "--config {typo_config}: Unrecognized options: --n-promts"),
+    # values that only mean something together, or not at all
+    (["--pretrain.seed", "5"], "--pretrain.seed"),                       # --seed seeds the warm start
+    (["--gamma-floor-share", "0.1"], "--gamma-floor-share"),             # only --gamma-min auto reads it
+    (["--model", "toy:{tiny}", "--pretrain.max-steps", "3"], "--pretrain.max-steps"),  # no warm start with --model
+    (["--task", "countdown", "--task-options", "n_numbers=abc"], "knob n_numbers takes a whole number, not 'abc'"),
+    (["--task-options", "max_operand=3,max_operand=4"], "max_operand is given twice"),
+    (["--resume", "--overwrite"], "--overwrite"),
+    # what used to be refused only once work had begun
+    (["--strategy", "fsdp"], "--strategy fsdp2"),
+    (["--devices", "3", "--accelerator", "cpu"], "--devices"),
+    (["--max-new-tokens", "1000"], "at most 247"),                       # 256 positions, 9 for a+b= prompts
+    (["--model", "toy:{tiny}", "--max-new-tokens", "56"], "at most 55"),  # TINY's 64 positions
+    (["--model", "toy:{dense}"], "--loss rspo"),
+    (["--model", "toy:{dense}", "--loss", "grpo", "--freeze-router"], "--freeze-router"),
+    (["--model", "hf:{hf_dense}"], "--loss rspo"),
+    (["--model", "hf:{hf_unknown_moe}", "--loss", "grpo"], "cannot hook"),
 ]
 
 
 @pytest.mark.parametrize("flags, flag", BAD_INPUT, ids=[" ".join(flags) for flags, _ in BAD_INPUT])
-def test_bad_input_is_one_line_naming_the_flag_before_any_work(tmp_path, capsys, flags, flag):
+def test_bad_input_is_one_line_naming_the_flag_before_any_work(tiny_checkpoint, tmp_path, capsys, flags, flag):
     paths = {"tmp": tmp_path, "not_a_checkpoint": not_a_checkpoint(tmp_path), "empty_file": empty_file(tmp_path),
-             "bare_folder": bare_folder(tmp_path)}
+             "bare_folder": bare_folder(tmp_path), "typo_config": config_file_with_unknown_key(tmp_path),
+             "tiny": tiny_checkpoint, "dense": dense_checkpoint(tmp_path),
+             "hf_dense": hf_config_only(tmp_path, "qwen3", model_type="qwen3"),
+             "hf_unknown_moe": hf_config_only(tmp_path, "moe", model_type="deepseek_v3", n_routed_experts=8)}
     warm = tmp_path / "warm"
     defaults = ["--warmstart-dir", str(warm), "--out", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as exit_info:
@@ -481,7 +580,7 @@ def test_bad_input_is_one_line_naming_the_flag_before_any_work(tmp_path, capsys,
     captured = capsys.readouterr()
     errors = captured.err.splitlines()
     assert exit_info.value.code != 0
-    assert len(errors) == 1 and errors[0].startswith("error: ") and flag in errors[0], errors
+    assert len(errors) == 1 and errors[0].startswith("error: ") and flag.format(**paths) in errors[0], errors
     assert captured.out == ""
     assert not warm.exists() and not (tmp_path / "run").exists()
 
@@ -506,6 +605,8 @@ def test_help_explains_every_flag(capsys):
     assert exit_info.value.code == 0
     text = re.sub(r"[│╭╮╰╯─]", " ", capsys.readouterr().out)
     assert "Examples:" in text and "python -m minirspo.train --loss grpo --router-shift" in text
+    # the rerun example gives the rerun a folder of its own (the first run's is a record, refused as --out)
+    assert "--config runs/rspo/config.yaml --seed 1 --out runs/rspo-seed1" in text
     for group in ("task", "loss", "rollouts", "updates", "run", "scale", "warm-start", "pretrain"):
         assert f" {group} options " in text, group
     assert "{arithmetic,countdown}" in text and "{grpo,gspo,gmpo,rspo}" in text
@@ -518,6 +619,21 @@ def test_help_explains_every_flag(capsys):
     for name in ("--max-steps", "--pretrain.max-steps", "--pretrain.model.n-experts", "--task-options",
                  "--router-shift", "--routing-replay", "--freeze-router", "--resume", "--activation-checkpointing"):
         assert any(line.split(",")[0].split()[0] == name for line in lines), name
+
+
+@pytest.mark.parametrize("program", ["minirspo.train", "minirspo.compare"])
+def test_help_into_a_reader_that_stops_early_ends_quietly(program):
+    # `--help | head -3`: the reader is gone before the program writes (closed here before its imports end),
+    # so every write fails with a broken pipe; no traceback, whatever the exit status (argparse's help ignores
+    # the failed write and exits 0, tyro's raises and run_main exits 1)
+    import subprocess
+    import sys
+    process = subprocess.Popen([sys.executable, "-m", program, "--help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    process.wait(timeout=120)
+    assert stderr == "", stderr
 
 
 def test_the_progress_bar_counts_rl_steps_across_a_resume(tiny_checkpoint, tmp_path, monkeypatch):

@@ -8,7 +8,9 @@ shared pieces live here, below both).
   (`--resume`, `--no-resume`).
 - `--config FILE` reads a config.yaml that an earlier run wrote: its values are spliced into the command line
   where `--config` stands, so every flag after it overrides the file.
-- A bad flag ends the program with one line on stderr (tyro's framed message, flattened), exit status 2.
+- A bad flag ends the program with one line on stderr (tyro's framed message, flattened), exit status 2;
+  a bad key or value that came from a config file names the file.
+- `run_main` ends a program whose reader went away (`--help | head -3`) quietly, without a traceback.
 - Lightning's start-up chatter, tips and library deprecation warnings are silenced unless `--verbose`.
 - `StepProgressBar` is Lightning's RichProgressBar counting the run's own steps (k/N across epochs and
   resumes), with the few metrics the run chooses and no validation bar.
@@ -51,7 +53,8 @@ def parse_flags(flags_class: type[T], argv: Sequence[str] | None, *, prog: str, 
     description = unwrap(description)
     if "-h" in argv or "--help" in argv:  # help goes to stdout, framed and wrapped for the terminal
         return tyro.cli(flags_class, args=argv, prog=prog, description=description, default=default)
-    argv = expand_config_files(argv)
+    typed = set(argv)
+    argv, origins = expand_config_files(argv)
     captured = io.StringIO()
     # tyro frames its error message and wraps it to the terminal; a very wide "terminal" keeps every line whole
     columns = os.environ.get("COLUMNS")
@@ -62,7 +65,8 @@ def parse_flags(flags_class: type[T], argv: Sequence[str] | None, *, prog: str, 
     except SystemExit as exit_:
         if exit_.code in (0, None):
             raise
-        raise UsageError(one_line(captured.getvalue()) or f"bad command line: {' '.join(argv)}") from None
+        message = one_line(captured.getvalue()) or f"bad command line: {' '.join(argv)}"
+        raise UsageError(name_config_file(message, origins, typed)) from None
     finally:
         if columns is None:
             os.environ.pop("COLUMNS", None)
@@ -104,19 +108,32 @@ def one_line(framed: str) -> str:
     return message
 
 
+def name_config_file(message: str, origins: dict[str, Path], typed: set[str]) -> str:
+    """`message` prefixed by `--config FILE: ` when the first flag it names came from FILE, not the command
+    line ("Unrecognized options: --foo" says nothing of where --foo was written)."""
+    for flag in re.findall(r"--[\w.-]+", message):
+        if flag in origins and flag not in typed:
+            return f"--config {origins[flag]}: {message}"
+    return message
+
+
 # --- config.yaml ----------------------------------------------------------------------------------------
-def expand_config_files(argv: list[str]) -> list[str]:
-    """Replace each `--config FILE` (or `--config=FILE`) by the flags that FILE's values stand for."""
-    expanded, rest = [], list(argv)
+def expand_config_files(argv: list[str]) -> tuple[list[str], dict[str, Path]]:
+    """Replace each `--config FILE` (or `--config=FILE`) by the flags that FILE's values stand for; also
+    return which file each of those flags came from."""
+    expanded, origins, rest = [], {}, list(argv)
     while rest:
         token = rest.pop(0)
         if token == "--config" or token.startswith("--config="):
             if token == "--config" and not rest:
                 raise UsageError("--config: expected a FILE (a config.yaml written by an earlier run)")
-            expanded += config_file_flags(token.partition("=")[2] if "=" in token else rest.pop(0))
+            path = Path(token.partition("=")[2] if "=" in token else rest.pop(0))
+            flags = config_file_flags(path)
+            origins |= {flag: path for flag in flags if flag.startswith("--")}
+            expanded += flags
         else:
             expanded.append(token)
-    return expanded
+    return expanded, origins
 
 
 def config_file_flags(path: str | Path) -> list[str]:
@@ -163,16 +180,40 @@ def as_plain_data(config: Any) -> Any:
     return config
 
 
-def write_config(config: Any, path: Path | str, rerun: str) -> Path:
-    """Write `config` to `path` as YAML, headed by the command that reruns it."""
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted names (`lr`, `pretrain.model.n_heads`) whose values differ between two configs given as
+    plain data (`as_plain_data`), nested mappings compared key by key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [name for key in dict.fromkeys([*old, *new])
+                for name in differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def write_config(config: Any, path: Path | str, rerun: str, rerun_flags: str = "") -> Path:
+    """Write `config` to `path` as YAML, headed by the command that reruns it (`rerun --config path`, then
+    `rerun_flags`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# The resolved configuration of this run. Rerun it with:\n#   {rerun} --config {path}\n"
+    header = f"# The resolved configuration of this run. Rerun it with:\n#   {rerun} --config {path}{rerun_flags}\n"
     path.write_text(header + yaml.safe_dump(as_plain_data(config), sort_keys=False, allow_unicode=True))
     return path
 
 
 # --- console --------------------------------------------------------------------------------------------
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a program's `main`. If the reader of its output goes away (`--help | head -3`), end quietly with
+    status 1 instead of a BrokenPipeError traceback; stdout then points at devnull, so that the interpreter's
+    last flush at exit does not fail again (the recipe of Python's `signal` module documentation)."""
+    try:
+        try:
+            main()
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
 def quiet_console(verbose: bool) -> None:
     """Unless `verbose`: no Lightning start-up lines ("GPU available", tips, "`Trainer.fit` stopped") and no
     library warnings (deprecations inside Lightning and torch, data-loader advice that does not apply)."""

@@ -38,6 +38,7 @@ from toy_moe.generate import pick_tokens, token_logprobs
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HF_MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # config keys that only an MoE sets
 
 
 class RouterHooks:
@@ -242,7 +243,7 @@ def _router_gates(lm: nn.Module) -> list[nn.Module]:
             raise ValueError(f"{family}: no `*TopKRouter` gate modules found; minirspo needs transformers >= 5, "
                              f"whose MoE routers are modules of their own (installed: {transformers.__version__})")
         return gates
-    if gates or any(getattr(lm.config, name, 0) for name in ("num_experts", "num_local_experts", "n_routed_experts")):
+    if gates or any(getattr(lm.config, name, 0) for name in MOE_CONFIG_KEYS):
         raise ValueError(f"model_type {family!r} is a Mixture-of-Experts family minirspo cannot hook; "
                          f"supported: {', '.join(HF_MOE_FAMILIES)}")
     return []

@@ -9,5 +9,8 @@ python3 -m venv /autograder/venv  # a venv of our own: newer Ubuntu images refus
 /autograder/venv/bin/pip install --upgrade pip
 # the CPU build of the torch the tests run with: graders have no GPU, and the default wheel carries GBs of CUDA
 /autograder/venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-# editable, so the grader finds tutorials/assignments/points.json beside the package; dev brings hypothesis
+# editable, so the grader finds tutorials/assignments/points.json beside the package, and the package's source
+# stays in /autograder/source, which run_autograder makes unreadable to submissions; dev brings hypothesis
 /autograder/venv/bin/pip install -e "/autograder/source/minirspo[dev]"
+# the unprivileged user submissions run as (Gradescope's advice for student code): no home, no login
+id -u student >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin student
