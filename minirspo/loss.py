@@ -133,7 +133,8 @@ def router_logprobs_at(router_logits: Tensor, topk_idx: Tensor) -> Tensor:
 
 @torch.no_grad()
 def router_shift_metrics(gamma: Tensor, mask: Tensor, gamma_min: float) -> dict[str, Tensor]:
-    """γ over valid tokens: mean, min and the share below the floor (`gamma_floored_frac`).
+    """γ over valid tokens: mean, lowest (`gamma_lowest`: not the floor --gamma-min, which the loop logs as
+    `gamma_floor`) and the share below the floor (`gamma_floored_frac`).
 
     The losses do not call this: the caller that computed γ does, once per minibatch (the RL loop logs γ
     for every loss, RS on or off), so the loss call stays as cheap as GMPO's.
@@ -144,7 +145,7 @@ def router_shift_metrics(gamma: Tensor, mask: Tensor, gamma_min: float) -> dict[
     stacked = torch.stack([gamma, (gamma < gamma_min).float()]).flatten(1)        # (2, B·T)
     mean, floored = (stacked @ weight.flatten()) / weight.sum().clamp(min=1)
     return {"gamma_mean": mean, "gamma_floored_frac": floored,
-            "gamma_min": torch.maximum(gamma, 1.0 - weight).amin()}               # padding reads as 1
+            "gamma_lowest": torch.maximum(gamma, 1.0 - weight).amin()}            # padding reads as 1
 
 
 @torch.no_grad()

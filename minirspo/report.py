@@ -14,13 +14,18 @@ CURVES = (("reward_mean", "reward (sampled)"), ("accuracy", "held-out greedy acc
           ("routing_consistency", "routing consistency"), ("clip_frac", "clip fraction"))
 
 
+# Columns renamed since: metrics.csv files written before (docs/results/) read under today's names.
+RENAMED_COLUMNS = {"gamma_min": "gamma_lowest"}  # the smallest γ, which read as the floor --gamma-min
+
+
 def read_metrics(path: Path | str) -> dict[str, list[float]]:
     """metrics.csv -> {column: values by step}. A step logged twice (a run resumed from an earlier
     checkpoint re-logs the steps after it) keeps its last row; empty cells read as NaN."""
     by_step: dict[int, dict[str, float]] = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            values = {key: float(value) if value not in ("", None) else math.nan for key, value in row.items()}
+            values = {RENAMED_COLUMNS.get(key, key): float(value) if value not in ("", None) else math.nan
+                      for key, value in row.items()}
             by_step.setdefault(int(values["step"]), {}).update(
                 {key: value for key, value in values.items() if not math.isnan(value)})
     steps = sorted(by_step)

@@ -231,7 +231,7 @@ def metrics_ref(
 def router_shift_metrics_ref(gamma: Tensor, mask: Tensor, gamma_min: float) -> dict[str, float]:
     """docs/rspo.md "Metrics": γ over valid tokens (at least one): mean, min, share floored (γ < γ_min)."""
     gammas = [float(gamma[i, t]) for i in range(mask.shape[0]) for t in range(mask.shape[1]) if bool(mask[i, t])]
-    return {"gamma_mean": math.fsum(gammas) / len(gammas), "gamma_min": min(gammas),
+    return {"gamma_mean": math.fsum(gammas) / len(gammas), "gamma_lowest": min(gammas),
             "gamma_floored_frac": sum(value < gamma_min for value in gammas) / len(gammas)}
 
 

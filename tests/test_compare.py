@@ -129,6 +129,22 @@ def test_a_grid_whose_flags_changed_is_refused_before_it_resumes_a_run(grid, tmp
     assert not (tmp_path / "runs" / "grpo-lr0.001-seed0" / "done.json").exists()
 
 
+def test_shipped_metrics_read_under_today_s_column_names():
+    # docs/results/ keeps metrics.csv files from before `gamma_min` (the smallest γ, not the floor --gamma-min)
+    # was renamed `gamma_lowest`: report and compare read them under the new name
+    import csv
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "docs/results/moe_stress/x100/runs/grpo-lr0.0001-seed0/metrics.csv"
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert "gamma_min" in rows[0] and "gamma_lowest" not in rows[0]
+    metrics = read_metrics(path)
+    assert "gamma_min" not in metrics
+    logged = {float(row["step"]): float(row["gamma_min"]) for row in rows if row["gamma_min"]}
+    assert logged and {step: value for step, value in zip(metrics["step"], metrics["gamma_lowest"])
+                       if not math.isnan(value)} == logged
+
+
 def test_collapse_and_gain_are_read_off_the_smoothed_reward():
     steps = [float(s) for s in range(20)]
     rising = {"step": steps, "reward_mean": [s / 20 for s in range(20)], "accuracy": [0.1] * 19 + [0.7]}

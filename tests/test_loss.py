@@ -562,7 +562,7 @@ def test_router_shift_metrics_match_reference(gammas, gamma_min, seed):
     assert set(got) == set(want)
     # min and the floored share are exact (a value and a count over <= 36 tokens, one division); the mean
     # sums <= 36 values in (0, 1] in float32: off by <= 36 u relative (2e-6), so RTOL is a 50x margin.
-    assert float(got["gamma_min"]) == want["gamma_min"]
+    assert float(got["gamma_lowest"]) == want["gamma_lowest"]
     assert math.isclose(float(got["gamma_floored_frac"]), want["gamma_floored_frac"], rel_tol=1e-6)
     assert math.isclose(float(got["gamma_mean"]), want["gamma_mean"], rel_tol=RTOL)
 

@@ -245,7 +245,7 @@ def test_first_minibatch_is_on_policy_and_later_ones_are_not(tiny_checkpoint, tm
                    "--lr", "2e-2", "--aux-loss-coef", "1"))
     first, later = seen[0], seen[1:]
     assert first["ratio_mean"] == 1.0 and first["approx_kl"] == 0.0
-    assert first["gamma_min"] == 1.0 and first["gamma_mean"] == 1.0
+    assert first["gamma_lowest"] == 1.0 and first["gamma_mean"] == 1.0
     assert first["routing_consistency"] == 1.0
     assert all(m["approx_kl"] > 0 for m in later)
     assert all(m["gamma_mean"] < 1.0 for m in later)
@@ -311,7 +311,7 @@ def test_eval_every_0_evaluates_at_the_end_only_and_times_evaluation_apart(tiny_
 def test_router_diagnostics_off_skips_gamma_unless_the_loss_uses_it(tiny_checkpoint, tmp_path, loss, diagnostics):
     main(tiny_args(tiny_checkpoint, tmp_path, "--loss", loss, "--no-router-diagnostics"))
     columns = set(read_metrics(tmp_path / "metrics.csv"))
-    for name in ("gamma_mean", "gamma_min", "gamma_floored_frac", "routing_consistency"):
+    for name in ("gamma_mean", "gamma_lowest", "gamma_floored_frac", "routing_consistency"):
         assert (name in columns) == diagnostics, name
     assert {"loss", "ratio_mean", "clip_frac", "seconds"} <= columns
 

@@ -132,7 +132,7 @@ for half, old_scores in zip(halves, old):
     optimizer.step()
     shift = router_shift_metrics(gamma, mask, gamma_min=0.8)  # γ's statistics: the loss returns only its own
     print(f"minibatch {half.start // 64 + 1}: loss {float(out.loss.detach()):+.4f}, γ mean "
-          f"{float(shift['gamma_mean']):.4f}, min {float(shift['gamma_min']):.4f}, "
+          f"{float(shift['gamma_mean']):.4f}, min {float(shift['gamma_lowest']):.4f}, "
           f"floored (γ < 0.8) {float(shift['gamma_floored_frac']):.3f}")
     per_layer = [router_shift_ratio(new.router_logits[[layer]].detach(), old_scores.topk_idx[[layer]],
                                     old_topk_logprobs[[layer]], mask)[mask] for layer in range(len(new.router_logits))]
