@@ -61,9 +61,9 @@ VARIANTS = {
     "gspo+rs": ["--loss", "gspo", "--router-shift"],
     "grpo+replay": ["--loss", "grpo", "--routing-replay"],
     "grpo+freeze": ["--loss", "grpo", "--freeze-router"],
-    "rspo γmin=0.6": ["--loss", "rspo", "--gamma-min", "0.6"],
-    "rspo γmin=0.9": ["--loss", "rspo", "--gamma-min", "0.9"],
-    "rspo γmin=auto": ["--loss", "rspo", "--gamma-min", "auto"],
+    "rspo_gmin0.6": ["--loss", "rspo", "--gamma-min", "0.6"],  # ASCII names: they are typed and name folders
+    "rspo_gmin0.9": ["--loss", "rspo", "--gamma-min", "0.9"],
+    "rspo_gminauto": ["--loss", "rspo", "--gamma-min", "auto"],
     # the control with no router: every MoE layer replaced by a dense SwiGLU of the same active width (F·K)
     "dense": ["--loss", "grpo", "--pretrain.model.moe-layers"],
 }
@@ -86,7 +86,7 @@ class Preset:
 PRESETS = {
     # 8 variants × 3 seeds = 24 runs of 300 steps at the default run's settings (lr 1e-4, where RL learns:
     # docs/default_run.md): about 80 minutes on 2 cores. --lrs 1e-4 2e-4 adds the lr where runs start to swing.
-    "cpu": Preset(("grpo", "gspo", "gmpo", "rspo", "grpo+rs", "grpo+replay", "grpo+freeze", "rspo γmin=auto"),
+    "cpu": Preset(("grpo", "gspo", "gmpo", "rspo", "grpo+rs", "grpo+replay", "grpo+freeze", "rspo_gminauto"),
                   (1e-4,), (0, 1, 2),
                   ("--max-steps", "300", "--eval-every", "25", "--eval-size", "200", "--checkpoint-every", "50")),
     "gpu": Preset(tuple(VARIANTS), (1e-4, 3e-4, 1e-3), (0, 1, 2),
@@ -119,7 +119,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.variant.replace(' ', '_').replace('=', '')}-lr{self.lr:g}-seed{self.seed}"
+        return f"{self.variant}-lr{self.lr:g}-seed{self.seed}"
 
 
 def run_args(run: Run, preset: Preset, extra: list[str]) -> list[str]:
@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="python -m minirspo.compare", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="grid and budget (default: cpu)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="override the preset's variants")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                        help=f"override the preset's variants: {', '.join(VARIANTS)}")
     parser.add_argument("--lrs", nargs="+", type=number(0, whole=False, inclusive=False),
                         help="override the preset's learning rates")
     parser.add_argument("--seeds", nargs="+", type=number(0, whole=True), help="override the preset's seeds")
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="'steps to reward ≥ start + gain': the first step whose 5-step mean reward is this much "
                              "above the mean of the run's first 5 steps (default 0.1)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="results folder (runs/compare)")
-    parser.add_argument("--key", nargs="+", choices=list(VARIANTS), default=(),
+    parser.add_argument("--key", nargs="+", choices=list(VARIANTS), default=(), metavar="VARIANT",
                         help="also plot these variants' held-out accuracy alone, to accuracy_key.png (twelve "
                              "variants in one panel are hard to read)")
     parser.add_argument("--report-only", action="store_true",

@@ -1,6 +1,7 @@
 """The comparison grid on a two-run tiny grid: it trains, writes figures and a table that agrees with the
 runs' own CSVs, and a second invocation skips finished runs."""
 import math
+import re
 
 import pytest
 import torch
@@ -143,6 +144,17 @@ def test_shipped_metrics_read_under_today_s_column_names():
     logged = {float(row["step"]): float(row["gamma_min"]) for row in rows if row["gamma_min"]}
     assert logged and {step: value for step, value in zip(metrics["step"], metrics["gamma_lowest"])
                        if not math.isnan(value)} == logged
+
+
+def test_variant_names_are_plain_words_that_name_the_shipped_run_folders():
+    # typed on a command line and used as folder names: no spaces, quotes or γ
+    from pathlib import Path
+
+    from minirspo.compare import VARIANTS
+    assert all(re.fullmatch(r"[a-z0-9_.+]+", variant) for variant in VARIANTS), list(VARIANTS)
+    shipped = Path(__file__).parent.parent / "docs/results/moe_stress/x100/runs"
+    names = {Run(variant, 1e-4, seed).name for variant in VARIANTS for seed in range(6)}
+    assert {path.name for path in shipped.iterdir()} <= names  # compare --report-only reads them
 
 
 def test_collapse_and_gain_are_read_off_the_smoothed_reward():
