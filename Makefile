@@ -36,8 +36,9 @@ train: setup
 	$(BIN)/python -m minirspo.train $(ARGS)
 
 # Two pytest workers on two cores, one torch thread each: two 2-thread workers on 2 cores run ~4x slower.
+# --dist loadgroup keeps each xdist_group on one worker (tests/test_vllm.py: one vLLM engine alive at a time).
 test: setup
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 $(ARGS)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup $(ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/loss_bench.py

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Sequence, get_args
 
+import torch
 import tyro
 
-from minirspo.rollout import (ROLLOUT_ENGINES, ROLLOUT_PRECISIONS, RolloutEngineName, RolloutPrecision,
-                              check_rollout_engine)
+from minirspo.rollout import (ROLLOUT_ENGINES, ROLLOUT_PRECISIONS, VLLM_PRECISIONS, RolloutEngineName,
+                              RolloutPrecision, check_rollout_engine)
 from minirspo.tasks import TASKS, Task, make_task
 from toy_moe.cli import UsageError, as_plain_data, differences, parse_flags
 from toy_moe.model import ToyMoEConfig
@@ -230,13 +231,15 @@ class RLConfig(WarmStartSection, ScaleSection, RunSection, UpdateSection, Rollou
     @property
     def rollout_record(self) -> str:
         """What the rollout's sampler must record (`Policy.generate`): every position's experts for R3; log μ and
-        the response tokens' routing for a low-precision copy (the mismatch metrics) or anything that reads μ;
-        nothing at precision 32 otherwise (μ is then π_old up to float noise, and recording costs ~13%)."""
+        the response tokens' routing for a low-precision copy or vLLM (the mismatch metrics) or anything that reads
+        μ; nothing with the built-in decode at precision 32 otherwise (μ is then π_old up to float noise, and
+        recording costs ~13% of sampling)."""
         if self.rollout_routing_replay:
             return "routing"
         reads_rollout = (self.rollout_is != "none" or self.rollout_mask != "none" or self.old_logprobs == "rollout"
                          or self.gamma_reference == "rollout")
-        return "tokens" if reads_rollout or self.rollout_precision != "32" else "none"
+        engine_differs = self.rollout_precision != "32" or self.rollout_engine != "hf"
+        return "tokens" if reads_rollout or engine_differs else "none"
 
     @property
     def updates_per_step(self) -> int:
@@ -390,8 +393,29 @@ def check_rollout_options(config: RLConfig) -> None:
     if config.rollout_precision != "32" and config.strategy in ("fsdp", "fsdp2"):
         refuse("rollout_precision", config.rollout_precision, "a low-precision rollout copy of a sharded model is not "
                                                               "supported yet; use 32, or --strategy ddp")
-    if config.rollout_engine != "hf" and config.rollout_precision != "32":
-        refuse("rollout_precision", config.rollout_precision, "it picks the built-in decode's copy; use 32")
+    if config.rollout_engine == "vllm":
+        check_vllm_options(config)
+
+
+def check_vllm_options(config: RLConfig) -> None:
+    """What --rollout-engine vllm cannot do (minirspo/rollout/vllm_engine.py), refused before any work."""
+    if config.rollout_precision not in VLLM_PRECISIONS:
+        refuse("rollout_precision", config.rollout_precision, f"with --rollout-engine vllm choose one of "
+                                                              f"{', '.join(VLLM_PRECISIONS)} (fp8 is the built-in copy's)")
+    if config.top_p < 1:
+        refuse("top_p", config.top_p, "vLLM's log-probs would be of the truncated distribution, not the one the "
+                                      "trainer scores; use 1 with --rollout-engine vllm")
+    if config.temperature == 0:
+        refuse("temperature", 0, "--rollout-engine vllm samples; use a number > 0")
+    if config.rollout_routing_replay:
+        refuse("rollout_routing_replay", True, "R3 needs the experts the engine routed to, which vLLM returns only "
+                                               "on GPU builds (enable_return_routed_experts), not this one; use "
+                                               "--rollout-engine hf")
+    if config.gamma_reference == "rollout":
+        refuse("gamma_reference", "rollout", "no engine returns router probabilities; use old with --rollout-engine vllm")
+    if config.strategy != "auto" or config.devices != 1 or config.num_nodes != 1:
+        refuse("rollout_engine", "vllm", "the engine runs colocated in one training process; use --strategy auto "
+                                         "--devices 1 --num-nodes 1")
 
 
 def validate(config: RLConfig) -> None:
@@ -421,6 +445,17 @@ def check_fits_model(config: RLConfig) -> None:
         check_router_flags(config, hf_config_is_moe(shape, config.model), name)
         return
     check_router_flags(config, bool(shape.moe_layer_ids), name)
+    if config.rollout_engine == "vllm":  # vLLM serves the toy as a Mixtral (minirspo/rollout/export.py)
+        from minirspo.rollout.export import check_exportable
+        try:
+            check_exportable(shape)
+        except ValueError as error:
+            refuse("rollout_engine", "vllm", str(error))
+        head_dim = shape.d_model // shape.n_heads
+        if head_dim < 32 and not torch.cuda.is_available():
+            refuse("rollout_engine", "vllm", f"vLLM's CPU attention takes head dims of 32 and up, and {name} has "
+                                             f"{head_dim} (d_model {shape.d_model} / {shape.n_heads} heads): give "
+                                             f"--pretrain.model.n-heads {shape.d_model // 32} or fewer")
     from toy_moe.tokenizer import load_tokenizer
     # the chat framing (bos, user, assistant) plus at most one token per byte of the longest prompt
     prompt_tokens = len(load_tokenizer().encode_prompt("")) + len(config.build_task().longest_prompt().encode())
@@ -439,6 +474,7 @@ def check_router_flags(config: RLConfig, is_moe: bool, model: str) -> None:
                                      ("--freeze-router", config.freeze_router),
                                      ("--rollout-routing-replay", config.rollout_routing_replay),
                                      ("--gamma-reference rollout", config.gamma_reference == "rollout"),
+                                     ("--rollout-engine vllm", config.rollout_engine == "vllm"),
                                      (f"--router-lr-scale {config.router_lr_scale}", config.router_lr_scale != 1.0))
              if used]
     if flags:

@@ -1,14 +1,13 @@
 """vLLM as the rollout engine (minirspo/rollout/vllm_engine.py), on vLLM's CPU build: `make test VLLM=1`.
 
-Skipped, with the reason, where vllm is not installed or cannot start a tiny engine on this machine (checked
-once, in a subprocess, so that a CPU the build does not support cannot take pytest down with it). At most one
+Skipped, with the reason, where vllm is not installed or cannot run a tiny model on this machine (vLLM alone,
+checked once in a subprocess, so that a CPU the build does not support cannot take pytest down with it). At most one
 engine is alive at a time: every test of this file runs on one pytest worker (xdist_group), the engine of the
 first tests is closed before the runs start theirs, and a run closes its own when it ends.
 
 Notation: B rows, P prompt tokens, N response tokens.
 """
 import importlib.util
-import json
 import math
 import subprocess
 import sys
@@ -31,30 +30,28 @@ pytestmark = pytest.mark.xdist_group("vllm")
 TOY = ToyMoEConfig(d_model=128, n_layers=2, n_heads=2, n_experts=4, top_k=2, expert_hidden=64, max_seq_len=64)
 
 PROBE = """
-import os, torch
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-from minirspo.policy import ToyPolicy
-from minirspo.rollout.vllm_engine import VLLMEngine
-from toy_moe.model import ToyMoE, ToyMoEConfig
-from toy_moe.tokenizer import load_tokenizer
-policy = ToyPolicy(ToyMoE(ToyMoEConfig(**{config})).eval(), load_tokenizer())
-engine = VLLMEngine(policy, "32")
-engine.sync()
-ids, mask = policy.encode_prompts(["1+2="])
-engine.sample(ids, mask, max_new_tokens=2, temperature=1.0, top_p=1.0, generator=torch.Generator(), record="tokens")
+import os
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"], os.environ["VLLM_CPU_KVCACHE_SPACE"] = "0", "1"
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+llm = LLM(model={folder!r}, skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=64)
+llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], SamplingParams(max_tokens=2, detokenize=False), use_tqdm=False)
 """
 
 
 @pytest.fixture(scope="module")
-def vllm_runs():
-    """Skip unless a tiny engine starts and samples here."""
+def vllm_runs(tmp_path_factory):
+    """Skip unless vLLM itself (not minirspo's engine, whose failures the tests must show) starts a tiny model
+    and samples from it here, in a subprocess."""
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed (make setup VLLM=1 installs vLLM's CPU build)")
-    probe = subprocess.run([sys.executable, "-c", PROBE.format(config=json.dumps(TOY.__dict__))],
-                           capture_output=True, text=True, timeout=900)
+    folder = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("probe") / "qwen3", "qwen3_moe", hidden_size=64,
+                                     n_heads=2)
+    probe = subprocess.run([sys.executable, "-c", PROBE.format(folder=str(folder))], capture_output=True, text=True,
+                           timeout=900)
     if probe.returncode:
         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"vLLM cannot run a tiny engine on this machine: {last}")
+        pytest.skip(f"vLLM cannot run a tiny model on this machine: {last}")
 
 
 def toy_policy(seed: int) -> ToyPolicy:
