@@ -6,10 +6,9 @@ import re
 import pytest
 import torch
 
-from minirspo.compare import (PRESETS, ROUTER_FREE, Preset, Run, crash_step, crash_window, main, run_args, run_summary,
-                              train_flags)
+from minirspo.compare import PRESETS, ROUTER_FREE, Preset, Run, main, run_args, train_flags
 from minirspo.config import parse_config, validate
-from minirspo.report import read_metrics, smoothed
+from minirspo.report import crash_step, crash_window, read_metrics, run_summary, smoothed
 from toy_moe.model import ToyMoE, ToyMoEConfig
 from toy_moe.checkpoint import save_toy_checkpoint
 
@@ -78,8 +77,8 @@ def test_report_only_uses_the_finished_runs_and_trains_nothing(grid, capsys):
 def test_key_plots_only_the_named_variants(grid, monkeypatch):
     out, argv = grid
     plotted = {}
-    monkeypatch.setattr("minirspo.compare.plot_metric",
-                        lambda curves, metric, path: plotted.__setitem__(path.name, sorted(curves)))
+    monkeypatch.setattr("minirspo.report.plot_metric",
+                        lambda curves, metric, path, colours: plotted.__setitem__(path.name, sorted(curves)))
     main(["--report-only", *argv[:argv.index("--")]])
     assert "accuracy_key.png" not in plotted and plotted["accuracy.png"] == [("grpo", 1e-3), ("rspo", 1e-3)]
     main(["--report-only", "--key", "rspo", *argv[:argv.index("--")]])
