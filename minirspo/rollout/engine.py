@@ -101,6 +101,7 @@ def join_rollouts(parts: Sequence[Samples], prompt_width: int) -> Samples:
     joined = {"tokens": [right(p.tokens, 1) for p in parts], "mask": [right(p.mask, 1, False) for p in parts]}
     if parts[0].logprobs is not None:
         joined["logprobs"] = [right(p.logprobs, 1) for p in parts]
+    if parts[0].topk_idx is not None:  # an engine may return log-probs without routing (vLLM)
         joined["topk_idx"] = [experts(p.topk_idx, prompt=False) for p in parts]
         joined["topk_logprobs"] = [right(p.topk_logprobs, 2) for p in parts]
     if parts[0].routing is not None:
