@@ -7,8 +7,10 @@ formula (wrong degrees of freedom, one-sided instead of two-sided p) moves p by 
 value printed in a book or by R to k significant digits, the bound is half a unit of the last printed
 digit — the rounding of the print, nothing more.
 """
+import importlib.util
 import math
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +126,21 @@ def test_paired_std_is_the_sample_std_of_the_differences():
     diffs = [a - b for a, b in zip(SLEEP_DRUG_2, SLEEP_DRUG_1)]
     assert result.std == pytest.approx(statistics.stdev(diffs), rel=CLOSED_FORM)
     assert result.std == pytest.approx(1.229995, abs=0.5e-6)  # R: sd(sleep$extra[11:20] - sleep$extra[1:10])
+
+
+def test_the_router_stress_page_numbers_regenerate_from_the_shipped_runs():
+    # docs/results/moe_stress.md quotes benchmarks/moe_stress_stats.py; if a shipped run or the script's
+    # definitions change, the page's numbers must be regenerated. Printed to 2–3 decimals there, so half a
+    # unit of the last printed digit is the tolerance.
+    path = Path(__file__).parents[1] / "benchmarks/moe_stress_stats.py"
+    spec = importlib.util.spec_from_file_location("moe_stress_stats", path)
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    runs = page.load(Path(__file__).parents[1] / page.GRID)
+    outcomes = [page.outcome(run) for seeds in runs.values() for run in seeds.values()]
+    crashed = [o for o in outcomes if o["crashed"]]
+    assert (len(outcomes), len(crashed), sum(o["below_start_200"] for o in crashed)) == (57, 21, 13)
+    rspo = paired(*page.comparison(runs, "rspo", "gmpo", "final_1000")[1:])
+    assert (rspo.n, rspo.wins, rspo.p_sign) == (6, 6, pytest.approx(0.03125, rel=CLOSED_FORM))
+    assert rspo.mean == pytest.approx(0.074, abs=0.5e-3) and rspo.t == pytest.approx(2.18, abs=0.5e-2)
+    assert rspo.p_t == pytest.approx(0.081, abs=0.5e-3)
