@@ -115,7 +115,8 @@ def statistics_table(runs: dict[str, dict[int, dict]]) -> str:
         over_run = paired(*comparison(runs, *pair, "mean_heldout")[1:])
         adjusted = f"{holm_t[pair]:.2f} / {holm_sign[pair]:.2f}" if pair in holm_t else "(not RS)"
         needed = "∞" if math.isinf(r.seeds_needed) else f"{r.seeds_needed:.0f}"
-        lines.append(f"| {NAMES[pair[0]]} − {NAMES[pair[1]]} | {r.n} | {r.mean:+.3f} ± {r.std:.3f} | {r.t:.2f} ({r.p_t:.3f})"
+        p_t = f"{r.p_t:.3f}" if r.p_t >= 0.001 else "< 0.001"
+        lines.append(f"| {NAMES[pair[0]]} − {NAMES[pair[1]]} | {r.n} | {r.mean:+.3f} ± {r.std:.3f} | {r.t:.2f} ({p_t})"
                      f" | {r.wins} / {r.losses} / {r.ties}, {r.p_sign:.3f} | {adjusted} | {needed} "
                      f"| {over_run.mean:+.3f} ± {over_run.std:.3f} |")
     six = [pair for pair in RS_FAMILY if results[pair].n == 6]
@@ -180,7 +181,9 @@ def load_collapse(runs: dict[str, dict[int, dict]]) -> str:
         (crashed if crash_step(run) is not None else calm).append(window(run, "aux_loss", 0, 9))
     crash_steps = [crash_step(run) for run in moving(runs) if crash_step(run) is not None]
     frozen = [window(run, "aux_loss", 0, 59) for run in runs["grpo+freeze"].values()]
-    return (f"- expert load: the load-balance loss passes {LOAD_COLLAPSED:g} (1 = balanced) by step "
+    first = [run["aux_loss"][0] for run in moving(runs)]
+    return (f"- expert load: the load-balance loss, {min(first):.2f}–{max(first):.2f} at step 0, passes "
+            f"{LOAD_COLLAPSED:g} (1 = balanced) by step "
             f"{max(collapse_steps):.0f} in all {len(collapse_steps)} moving-router runs (median step "
             f"{statistics.median(collapse_steps):.0f}); the crashes are first seen at steps "
             f"{min(crash_steps):.0f}–{max(crash_steps):.0f} (the first evaluations, every 5 steps). Mean over "
