@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from minirspo.config import RLConfig
+from minirspo.config import RLConfig, check_router_flags
 from minirspo.distributed import clip_grad_norm, parallelize
 from minirspo.loss import (group_advantages, policy_loss, rollout_keep_mask, rollout_mismatch_metrics,
                            router_logprobs_at, router_shift_metrics, router_shift_ratio, routing_consistency,
@@ -102,12 +102,7 @@ def step_seed(seed: int, step: int) -> int:
 class RLModule(L.LightningModule):
     def __init__(self, policy: Policy, config: RLConfig):
         super().__init__()
-        if not policy.is_moe and (config.uses_router_shift or config.routing_replay or config.freeze_router
-                                  or config.router_lr_scale != 1.0 or config.rollout_routing_replay
-                                  or config.gamma_reference == "rollout"):
-            raise ValueError("this model is dense (it has no MoE layers, so no router logits): --loss rspo, "
-                             "--router-shift, --routing-replay, --rollout-routing-replay, --gamma-reference rollout, "
-                             "--freeze-router and --router-lr-scale all need an MoE router")
+        check_router_flags(config, policy.is_moe, "this model")  # a UsageError (a ValueError) on a dense model
         self.automatic_optimization = False
         self.policy, self.config = policy, config
         self.model = policy.model.train()  # checkpoints load in eval mode; generation toggles it per call

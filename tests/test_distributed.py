@@ -32,6 +32,7 @@ def fixed_batch_module():
     from minirspo.config import RLConfig  # noqa: F401  (imports kept inside: this file is also the worker)
     from minirspo.loss import group_advantages, zero_variance_groups
     from minirspo.module import Minibatch, RLModule
+    from minirspo.policy import Samples
 
     class FixedBatchModule(RLModule):
         def collect_rollouts(self, step):
@@ -49,8 +50,9 @@ def fixed_batch_module():
             mine = slice(rank * per_rank, (rank + 1) * per_rank)
             prompt_ids, prompt_mask = self.policy.encode_prompts([p.prompt for p in repeated[mine]])
             device = prompt_ids.device
-            minibatch = Minibatch(prompt_ids, prompt_mask, tokens[mine].to(device), mask[mine].to(device),
-                                  advantages[mine].to(device))
+            mine_tokens, mine_mask = tokens[mine].to(device), mask[mine].to(device)
+            minibatch = Minibatch(prompt_ids, prompt_mask, mine_tokens, mine_mask, advantages[mine].to(device),
+                                  Samples(mine_tokens, mine_mask))
             stats = {"reward_mean": rewards.mean(), "response_len": lengths.float().mean(),
                      "zero_variance_frac": zero_variance_groups(rewards, cfg.group_size) / cfg.n_prompts}
             return [minibatch], stats

@@ -338,8 +338,6 @@ def test_load_policy_errors(tmp_path, checkpoints):
         load_policy("llama:/models/x")
     with pytest.raises(FileNotFoundError, match="not found"):
         load_policy(f"hf:{tmp_path / 'missing'}")
-    with pytest.raises(ValueError, match="vllm"):
-        check_rollout_engine("vllm", "hf")
     with pytest.raises(ValueError, match="rollout_engine"):
         check_rollout_engine("sglang", "hf")
     jittery = make_tiny_hf_checkpoint(tmp_path / "jitter", "mixtral", router_jitter_noise=0.1)
