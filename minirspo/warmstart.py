@@ -55,3 +55,16 @@ def warm_start(config: RLConfig) -> Path:
         problems = config.build_task().sample(WARM_START_EXAMPLES, seed=config.seed, split="train")
         pretrain([(p.prompt, p.answer) for p in problems], pretrain_config, out_dir)
     return out_dir / "model.pt"
+
+
+def tutorial_warm_start(folder: Path, fast: bool) -> Path:
+    """The checkpoint tutorials 3, 4 and 6 start from, cached in folder/runs/warmstart so that they share it: the
+    default run's warm start, or with `fast` (MINIRSPO_FAST=1, what the tests run) 20 steps of it."""
+    return warm_start(RLConfig(task="arithmetic", warmstart_dir=str(Path(folder) / "runs" / "warmstart"),
+                               pretrain=tutorial_pretrain(fast)))
+
+
+def tutorial_pretrain(fast: bool) -> PretrainConfig:
+    """The default run's warm start (until ~10% of held-out a+b= answers are right), or 20 steps of it."""
+    return (PretrainConfig(max_steps=20, eval_every=20, eval_examples=64, progress_bar=False) if fast
+            else RLConfig().pretrain)

@@ -18,9 +18,9 @@ from minirspo.train import main
 from toy_moe.checkpoint import save_toy_checkpoint
 from toy_moe.model import ToyMoE, ToyMoEConfig
 from toy_moe.tokenizer import load_tokenizer
+from test_train import TINY, tiny_args, tiny_checkpoint  # noqa: F401  (the RL loop's tiny runs, one definition)
 from tolerance import MODEL_ULPS, assert_close_in_ulps  # tests/tolerance.py: why these bounds hold on any CPU
 
-TINY = ToyMoEConfig(d_model=32, n_layers=2, n_heads=2, n_experts=4, top_k=2, expert_hidden=32, max_seq_len=64)
 # Deeper and finer, so that a bf16 copy flips some routing on a few hundred tokens (engine-mismatch probe:
 # 0.6% of (layer, token) sets at L4 E8 K2, more with depth and experts)
 FINE = ToyMoEConfig(d_model=64, n_layers=4, n_heads=4, n_experts=16, top_k=4, expert_hidden=32, max_seq_len=64)
@@ -165,18 +165,6 @@ def test_join_rollouts_repads_rounds_of_different_widths():
 
 
 # --- the RL loop with a rollout copy -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    return save_toy_checkpoint(ToyMoE(TINY), None, tmp_path_factory.mktemp("tiny") / "model.pt")
-
-
-def run_args(checkpoint, out, *extra) -> list[str]:
-    return ["--model", f"toy:{checkpoint}", "--out", str(out), "--max-steps", "2", "--n-prompts", "4",
-            "--group-size", "4", "--minibatch-size", "8", "--eval-size", "8", "--eval-every", "1",
-            "--max-new-tokens", "6", "--lr", "3e-3", "--warmup-steps", "1", *extra]
-
-
 MISMATCH = ("rollout_logprob_diff_mean", "rollout_logprob_diff_max", "rollout_kl", "rollout_routing_mismatch",
             "rollout_tokens_flipped")
 
@@ -189,7 +177,7 @@ MISMATCH = ("rollout_logprob_diff_mean", "rollout_logprob_diff_max", "rollout_kl
     ["--rollout-precision", "fp8", "--loss", "gmpo", "--old-logprobs", "rollout"],
 ], ids=lambda extra: " ".join(extra))
 def test_a_run_with_a_rollout_copy_logs_the_mismatch(tiny_checkpoint, tmp_path, extra):
-    main(run_args(tiny_checkpoint, tmp_path, *extra))
+    main(tiny_args(tiny_checkpoint, tmp_path, *extra))
     metrics = read_metrics(tmp_path / "metrics.csv")
     logged = set(MISMATCH) <= set(metrics)
     assert logged == ("--old-logprobs" not in extra), "bypass has no π_old forward to compare μ with"
@@ -199,22 +187,6 @@ def test_a_run_with_a_rollout_copy_logs_the_mismatch(tiny_checkpoint, tmp_path, 
     if "--rollout-is" in extra:
         assert all(0 < value <= 2 for value in metrics["rollout_is_weight_mean"][:2])
     assert all(value >= 0 for value in metrics["rollout_sync_seconds"][:2])
-
-
-def test_resume_with_a_bf16_copy_is_bit_exact(tiny_checkpoint, tmp_path):
-    # the copy is never checkpointed: the resumed run rebuilds it from the restored weights
-    common = ["--rollout-precision", "bf16", "--checkpoint-every", "2", "--seed", "3", "--aux-loss-coef", "1",
-              "--lr", "2e-2"]
-    main(run_args(tiny_checkpoint, tmp_path / "straight", *common, "--max-steps", "4"))
-    main(run_args(tiny_checkpoint, tmp_path / "resumed", *common, "--max-steps", "2"))
-    main(run_args(tiny_checkpoint, tmp_path / "resumed", *common, "--max-steps", "4", "--resume"))
-    straight = read_metrics(tmp_path / "straight" / "metrics.csv")
-    resumed = read_metrics(tmp_path / "resumed" / "metrics.csv")
-    assert straight["step"] == resumed["step"] == [0.0, 1.0, 2.0, 3.0, 4.0]
-    for name in {name for name in straight if not name.endswith("seconds")}:
-        assert straight[name] == pytest.approx(resumed[name], abs=0, rel=0, nan_ok=True), name
-    state = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    assert all(value.dtype != torch.bfloat16 for value in state.values()), "the rollout copy was checkpointed"
 
 
 BAD_ROLLOUT_FLAGS = [
@@ -251,7 +223,7 @@ def test_r3_and_gamma_against_the_rollout_need_a_router(tmp_path, capsys):
     dense = save_toy_checkpoint(ToyMoE(ToyMoEConfig(**{**TINY.__dict__, "moe_layers": ()})), None, tmp_path / "dense.pt")
     for flags in (["--rollout-routing-replay"], ["--gamma-reference", "rollout"]):
         with pytest.raises(SystemExit):
-            main(run_args(dense, tmp_path / flags[0], "--loss", "grpo", *flags))
+            main(tiny_args(dense, tmp_path / flags[0], "--loss", "grpo", *flags))
         assert "MoE router" in capsys.readouterr().err
 
 
@@ -261,7 +233,7 @@ def test_vllm_missing_is_refused_in_one_line_before_any_work(tmp_path, capsys, m
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "vllm" else find_spec(name, *args))
     wide = save_toy_checkpoint(ToyMoE(ToyMoEConfig(**{**TINY.__dict__, "d_model": 64})), None, tmp_path / "wide.pt")
     with pytest.raises(SystemExit) as exit_info:
-        main(run_args(wide, tmp_path / "run", "--rollout-engine", "vllm"))
+        main(tiny_args(wide, tmp_path / "run", "--rollout-engine", "vllm"))
     errors = capsys.readouterr().err.splitlines()
     assert exit_info.value.code == 2 and len(errors) == 1 and "make setup VLLM=1" in errors[0], errors
     assert not (tmp_path / "run").exists()

@@ -145,11 +145,13 @@ def test_the_dense_toy_trains_with_router_free_losses_and_refuses_router_flags(t
     assert not (tmp_path / "refused" / "metrics.csv").exists()
 
 
-def test_resume_is_bit_exact(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("rollout", [[], ["--rollout-precision", "bf16"]], ids=["float32 rollouts", "a bf16 copy"])
+def test_resume_is_bit_exact(tiny_checkpoint, tmp_path, rollout):
     # The load-balance loss keeps the weights, Adam's state and the adaptive γ floor moving even where a
-    # random-init model earns no reward, so an inexact resume would show.
+    # random-init model earns no reward, so an inexact resume would show. A rollout copy is never checkpointed:
+    # the resumed run rebuilds it from the restored weights.
     common = ["--checkpoint-every", "2", "--seed", "3", "--aux-loss-coef", "1", "--gamma-min", "auto",
-              "--lr", "2e-2"]
+              "--lr", "2e-2", *rollout]
     main(tiny_args(tiny_checkpoint, tmp_path / "straight", *common, "--max-steps", "4"))
     main(tiny_args(tiny_checkpoint, tmp_path / "resumed", *common, "--max-steps", "2"))
     main(tiny_args(tiny_checkpoint, tmp_path / "resumed", *common, "--max-steps", "4", "--resume"))
@@ -162,6 +164,7 @@ def test_resume_is_bit_exact(tiny_checkpoint, tmp_path):
              for run in ("straight", "resumed")]
     for name, value in final[0]["state_dict"].items():
         assert torch.equal(value, final[1]["state_dict"][name]), name
+        assert value.dtype != torch.bfloat16, f"{name}: the rollout copy was checkpointed"
     assert final[0]["state_dict"]["gamma_floor"] != 0.8, "the adaptive floor never moved: a weak test"
     # resuming a run that has nothing left to train keeps its metrics
     main(tiny_args(tiny_checkpoint, tmp_path / "resumed", *common, "--max-steps", "4", "--resume"))

@@ -39,22 +39,17 @@ matplotlib.use("Agg")  # figures are written to PNG files next to this tutorial
 import matplotlib.pyplot as plt
 import torch
 
-from minirspo.config import RLConfig
 from minirspo.loss import (group_advantages, policy_loss, router_logprobs_at, router_shift_ratio,
                            routing_consistency)
 from minirspo.policy import ToyPolicy
 from minirspo.tasks import make_task, score
-from minirspo.warmstart import warm_start
+from minirspo.warmstart import tutorial_warm_start
 from toy_moe.checkpoint import load_toy_checkpoint
-from toy_moe.pretrain import PretrainConfig
 
 FAST = os.environ.get("MINIRSPO_FAST") == "1"
 HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()  # a notebook runs in its folder
 # The default run's warm start: pretraining stops once ~10% of held-out a+b= answers are right, not all.
-WARM_START = (PretrainConfig(max_steps=20, eval_every=20, eval_examples=64, progress_bar=False) if FAST
-              else RLConfig().pretrain)
-config = RLConfig(task="arithmetic", warmstart_dir=str(HERE / "runs" / "warmstart"), pretrain=WARM_START)
-model, tokenizer = load_toy_checkpoint(warm_start(config))
+model, tokenizer = load_toy_checkpoint(tutorial_warm_start(HERE, FAST))
 policy = ToyPolicy(model, tokenizer)
 print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.n_moe_layers} MoE layers, "
       f"E = {model.config.n_experts}, K = {model.config.top_k}")

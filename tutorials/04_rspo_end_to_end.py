@@ -41,13 +41,12 @@ import matplotlib.pyplot as plt
 from minirspo.config import RLConfig
 from minirspo.report import CURVES, read_metrics
 from minirspo.train import run
-from toy_moe.pretrain import PretrainConfig
+from minirspo.warmstart import tutorial_pretrain
 
 FAST = os.environ.get("MINIRSPO_FAST") == "1"
 HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()  # a notebook runs in its folder
 # The same warm start as tutorial 3 (so the cached checkpoint is shared).
-WARM_START = (PretrainConfig(max_steps=20, eval_every=20, eval_examples=64, progress_bar=False) if FAST
-              else RLConfig().pretrain)
+WARM_START = tutorial_pretrain(FAST)  # the warm start tutorial 3 made (shorter in fast mode)
 # fast: 2 steps of 4 problems × 8 answers in 2 minibatches (still one off-policy minibatch per step)
 n_steps, n_prompts, minibatch = (2, 4, 16) if FAST else (150, 32, 64)
 

@@ -40,22 +40,17 @@ matplotlib.use("Agg")  # figures are written to PNG files next to this tutorial
 import matplotlib.pyplot as plt
 import torch
 
-from minirspo.config import RLConfig
 from minirspo.loss import (rollout_keep_mask, rollout_mismatch_metrics, router_shift_ratio,
                            truncated_is_weights)
 from minirspo.policy import ToyPolicy
 from minirspo.rollout import BuiltinEngine
 from minirspo.tasks import make_task
-from minirspo.warmstart import warm_start
+from minirspo.warmstart import tutorial_warm_start
 from toy_moe.checkpoint import load_toy_checkpoint
-from toy_moe.pretrain import PretrainConfig
 
 FAST = os.environ.get("MINIRSPO_FAST") == "1"
 HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()  # a notebook runs in its folder
-WARM_START = (PretrainConfig(max_steps=20, eval_every=20, eval_examples=64, progress_bar=False) if FAST
-              else RLConfig().pretrain)
-config = RLConfig(task="arithmetic", warmstart_dir=str(HERE / "runs" / "warmstart"), pretrain=WARM_START)
-model, tokenizer = load_toy_checkpoint(warm_start(config))
+model, tokenizer = load_toy_checkpoint(tutorial_warm_start(HERE, FAST))
 trainer = ToyPolicy(model.eval(), tokenizer)
 problems = make_task("arithmetic").eval_set(64 if FAST else 512)
 prompt_ids, prompt_mask = trainer.encode_prompts([p.prompt for p in problems])             # (B, P)
