@@ -260,3 +260,24 @@ def test_the_toy_exported_as_mixtral_computes_the_toy_s_logits_and_routing():
     dense = ToyMoE(ToyMoEConfig(**{**TINY.__dict__, "moe_layers": ()}))
     with pytest.raises(ValueError, match="dense layers"):
         toy_as_mixtral(dense, policy.tokenizer)
+
+
+@pytest.mark.parametrize("flags, replays", [(["--rollout-routing-replay"], True), ([], False)],
+                         ids=["R3", "no replay"])
+def test_r3_routes_the_old_scoring_and_every_update_to_the_rollout_s_experts(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                           flags, replays):
+    seen = []
+    score = ToyPolicy.score
+
+    def spy(self, prompt_ids, prompt_mask, tokens, mask, *, routing=None, **kwargs):
+        out = score(self, prompt_ids, prompt_mask, tokens, mask, routing=routing, **kwargs)
+        seen.append((routing, out.routing))
+        return out
+
+    monkeypatch.setattr(ToyPolicy, "score", spy)
+    main(tiny_args(tiny_checkpoint, tmp_path, "--rollout-precision", "fp8", "--eval-every", "0", *flags))
+    assert len(seen) >= 2 * 2  # two steps, each an old-policy scoring and two updates
+    for given, used in seen:
+        assert (given is not None) == replays
+        if replays:  # the forward computed with exactly the experts it was given, at every position
+            assert torch.equal(used, given)
