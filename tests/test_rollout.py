@@ -281,3 +281,34 @@ def test_r3_routes_the_old_scoring_and_every_update_to_the_rollout_s_experts(tin
         assert (given is not None) == replays
         if replays:  # the forward computed with exactly the experts it was given, at every position
             assert torch.equal(used, given)
+
+
+@pytest.mark.parametrize("loss, is_level, mask_level", [("grpo", "token", "token"), ("grpo", "sequence", "sequence"),
+                                                       ("gmpo", "sequence", "token"), ("rspo", "none", "sequence")])
+def test_the_loop_hands_each_loss_the_correction_docs_rspo_describes(loss, is_level, mask_level):
+    # δ = log π_old − log μ by hand: row 0 e^{0.1}, e^{1.5}; row 1 e^{-1}, e^{0.2}, padding. Cap 2, bounds 0.5 2.
+    from minirspo.config import RLConfig
+    from minirspo.module import Minibatch, OldPolicy, RLModule
+    policy = toy_policy(TINY)
+    config = RLConfig(loss=loss, rollout_is=is_level, rollout_mask=mask_level)
+    module = RLModule(policy, config)
+    mask = torch.tensor([[True, True], [True, False]])
+    old = torch.zeros(2, 2)
+    rollout = Samples(torch.zeros(2, 2, dtype=torch.long), mask, -torch.tensor([[0.1, 1.5], [-1.0, 0.0]]))
+    mb = Minibatch(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool), rollout.tokens, mask,
+                   torch.ones(2), rollout)
+    mask_out, weight, metrics = module.rollout_correction(OldPolicy(old, None, None, None, None, {}), mb)
+    e = math.exp
+    tis = {"token": [[e(0.1), 2.0], [e(-1.0), 0.0]], "sequence": [[2.0, 2.0], [e(-1.0), 0.0]], "none": [[1, 1], [1, 0]]}
+    # MIS keeps e^{0.1} only; by sequence, row 0's geometric mean e^{0.8} = 2.2 and row 1's e^{-1} both fall outside
+    keep = {"token": [[1, 0], [0, 0]], "sequence": [[0, 0], [0, 0]]}
+    if loss == "grpo":  # token weights: TIS times MIS on each token, the mask untouched
+        want = [[t * k for t, k in zip(*rows)] for rows in zip(tis[is_level], keep[mask_level])]
+        assert weight.flatten().tolist() == pytest.approx([w for row in want for w in row]) and torch.equal(mask_out, mask)
+    else:  # one weight per sequence; a token-level MIS mask leaves tokens out of the sequence's mean instead
+        sequence_tis = [max(row) for row in tis[is_level]] if is_level != "none" else [1.0, 1.0]
+        sequence_keep = [1.0, 1.0] if mask_level == "token" else [float(any(row)) for row in keep["sequence"]]
+        assert weight.tolist() == pytest.approx([t * k for t, k in zip(sequence_tis, sequence_keep)])
+        want_mask = [[bool(k) for k in row] for row in keep["token"]] if mask_level == "token" else mask.tolist()
+        assert mask_out.tolist() == want_mask
+    assert float(metrics["rollout_masked_frac"]) == pytest.approx(2 / 3 if mask_level == "token" else 1.0)
