@@ -23,11 +23,13 @@ Examples:
     python -m minirspo.compare                          # the CPU grid, about 80 minutes on 2 cores
     python -m minirspo.compare --preset gpu             # sized for one GPU, about 10 minutes
     python -m minirspo.compare --preset moe-stress      # where the router crashes GRPO: 36 runs, ~1 h on 2 cores
+    python -m minirspo.compare --preset engine-mismatch --out docs/results/engine_mismatch/grid   # ~8 h, resumable
     python -m minirspo.compare --preset smoke --out /tmp/grid      # two short runs, to try it out
     python -m minirspo.compare --variants rspo grpo --lrs 1e-4 2e-4 --seeds 0 1 2
     python -m minirspo.compare -- --task countdown      # arguments after -- go to every run
 """
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -64,9 +66,21 @@ VARIANTS = {
     "rspo_gminauto": ["--loss", "rspo", "--gamma-min", "auto"],
     # the control with no router: every MoE layer replaced by a dense SwiGLU of the same active width (F·K)
     "dense": ["--loss", "grpo", "--pretrain.model.moe-layers"],
+    # The engine-mismatch arms (docs/results/engine_mismatch.md): rollouts from an fp8 engine copy, each with a role
+    "grpo_r32": ["--loss", "grpo", "--rollout-precision", "32"],                   # no mismatch at all
+    "grpo_fp8": ["--loss", "grpo", "--rollout-precision", "fp8"],                  # the base
+    "grpo_fp8_tis": ["--loss", "grpo", "--rollout-precision", "fp8", "--rollout-is", "token"],  # corrects the ratio
+    "grpo_fp8_r3": ["--loss", "grpo", "--rollout-precision", "fp8", "--rollout-routing-replay"],  # removes the flips
+    "gmpo_fp8": ["--loss", "gmpo", "--rollout-precision", "fp8"],
+    # GMPO's clip window moved as RS's floor moves it: RS with γ ≡ 0.8 up to a constant factor on the objective
+    "gmpo_fp8_shifted": ["--loss", "gmpo", "--rollout-precision", "fp8", "--clip-low", "0.177", "--clip-high", "0.623"],
+    "rspo_fp8": ["--loss", "rspo", "--rollout-precision", "fp8"],                  # γ against π_old (the paper)
+    "rspo_fp8_vs_rollout": ["--loss", "rspo", "--rollout-precision", "fp8", "--gamma-reference", "rollout"],
+    "rspo_fp8_r3": ["--loss", "rspo", "--rollout-precision", "fp8", "--rollout-routing-replay"],
+    "dense_fp8": ["--loss", "grpo", "--rollout-precision", "fp8", "--pretrain.model.moe-layers"],  # mismatch, no routing
 }
-ROUTER_FREE = {"dense"}  # variants that get none of a preset's router_args
-COLOURS = dict(zip(VARIANTS, plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]))
+ROUTER_FREE = {"dense", "dense_fp8"}  # variants that get none of a preset's router_args
+COLOURS = dict(zip(VARIANTS, itertools.cycle(plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])))  # 20, reused
 
 
 @dataclass
@@ -100,6 +114,16 @@ PRESETS = {
                           "--minibatch-size", "32", "--ppo-epochs", "2", "--max-steps", "60", "--eval-every", "5",
                           "--eval-size", "200", "--checkpoint-every", "20"),
                          router_args=("--router-lr-scale", "100")),
+    # The engine-mismatch grid (issue 25, part 2): 10 arms × 6 seeds with paired warm starts, ≤ 100 RL steps, in
+    # the regime of largest mismatch the search found (docs/results/engine_mismatch.md): the fine toy (L 8, E 32,
+    # K 4, F 128), 16 updates per rollout, one lr for every weight. ~15 min a run on one core: ~8 h on 2 cores,
+    # resumable across sessions.
+    "engine-mismatch": Preset(("grpo_r32", "grpo_fp8", "grpo_fp8_tis", "grpo_fp8_r3", "gmpo_fp8", "gmpo_fp8_shifted",
+                               "rspo_fp8", "rspo_fp8_vs_rollout", "rspo_fp8_r3", "dense_fp8"), (1e-4,), tuple(range(6)),
+                              ("--pretrain.model.n-layers", "8", "--pretrain.model.n-experts", "32",
+                               "--pretrain.model.top-k", "4", "--pretrain.model.expert-hidden", "128",
+                               "--minibatch-size", "32", "--ppo-epochs", "2", "--max-steps", "100",
+                               "--eval-every", "10", "--eval-size", "1000", "--checkpoint-every", "10")),
     "smoke": Preset(("grpo", "rspo"), (1e-4,), (0,),
                     ("--max-steps", "4", "--eval-every", "2", "--eval-size", "32", "--n-prompts", "8",
                      "--minibatch-size", "16")),
