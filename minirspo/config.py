@@ -182,7 +182,7 @@ class RunSection:
 
 @dataclass
 class ScaleSection:
-    """Scaling out (minirspo.distributed; README "Scaling out")."""
+    """Scaling out (minirspo.distributed; docs/scaling.md)."""
 
     strategy: Strategy = "auto"
     """ddp; fsdp2: fully_shard (GPUs, or CPU over gloo); fsdp is refused (FSDP1 breaks on several backwards)"""

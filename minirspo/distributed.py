@@ -20,8 +20,8 @@ gradient norm that --max-grad-norm clips is the norm of the whole (sharded) grad
 
 Activation checkpointing (--activation-checkpointing) wraps each decoder layer with torch's
 `checkpoint_wrapper`, before sharding.
-Multi-node runs use Lightning's launcher: torchrun or SLURM starts one process per device (README,
-"Scaling out").
+Multi-node runs use Lightning's launcher: torchrun or SLURM starts one process per device
+(docs/scaling.md).
 """
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy

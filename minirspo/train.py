@@ -160,7 +160,7 @@ def run(config: RLConfig) -> Path:
     optimiser_steps = f"{config.updates_per_step} optimiser step" + ("s" if config.updates_per_step > 1 else "")
     console.print(f"[bold]RL:[/] {title}, steps {done + 1}..{config.max_steps} (each: {config.n_prompts} prompts × "
                   f"{config.group_size} responses, {optimiser_steps}) -> {out}")
-    if config.aux_loss_coef == 0 and policy.is_moe:  # README "Scaling out": the run says so
+    if config.aux_loss_coef == 0 and policy.is_moe:  # docs/scaling.md: the run says so
         console.print("router load-balance loss is off during RL (--aux-loss-coef 0)")
 
     latest = LatestMetrics()

@@ -186,5 +186,5 @@ for name in ("reward_mean", "gamma_mean", "routing_consistency", "clip_frac", "l
 # The metrics are means over both processes. γ < 1 and routing consistency < 1 show the router moving
 # between the minibatches of a step, on a model the loss has never seen before — which is the point: the
 # loss, the router-shift ratio and the training loop are the same code for the toy model, a Hugging Face
-# checkpoint, one process or many. For a real checkpoint on GPUs, see the README's "Scaling out"
+# checkpoint, one process or many. For a real checkpoint on GPUs, see docs/scaling.md
 # (`--precision bf16-mixed`, `--activation-checkpointing`, several nodes).
