@@ -68,7 +68,8 @@ class TestOneEngine:
     """One toy engine, started once, for the tests that talk to it directly (closed when the class ends)."""
 
     @pytest.fixture(scope="class")
-    def engine(self, vllm_runs):
+    @classmethod
+    def engine(cls, vllm_runs):
         from minirspo.rollout.vllm_engine import VLLMEngine
         policy = toy_policy(0)
         engine = VLLMEngine(policy, "32", seed=0)
