@@ -65,6 +65,29 @@ def table(out: Path, grid: dict[str, list[str]]) -> str:
     return "\n".join(rows).replace("nan%", "—").replace("nan", "—")
 
 
+def figure(out: Path, grid: dict[str, list[str]], task: str) -> Path:
+    """accuracy-TASK.png: held-out accuracy against RL step, one panel per shape and updates per rollout."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = list(dict.fromkeys(name.rsplit("_", 1)[0] for name in grid))  # the grid's order: shape, then updates
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), sharey=True, squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        for precision, colour in zip(PRECISIONS, ("black", "tab:blue", "tab:red")):
+            path = out / "runs" / f"{panel}_{precision}-lr0.0001-seed0" / "metrics.csv"
+            if path.is_file():
+                m = read_metrics(path)
+                points = [(step, a) for step, a in zip(m["step"], m["accuracy"]) if not math.isnan(a)]
+                axis.plot(*zip(*points), marker="o", markersize=3, color=colour, label=f"rollouts {precision}")
+        axis.set(title=panel.removeprefix(f"{task}_").replace("_u", ", updates/rollout "), xlabel="RL step")
+    axes[0][0].set_ylabel("held-out accuracy (1000 problems)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"accuracy-{task}.png"
+    fig.savefig(path, dpi=90)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/results/engine_mismatch/search"))
@@ -88,6 +111,7 @@ def main() -> None:
         run_grid(runs, args.out, {run.name: grid[run.variant] for run in runs}, args.jobs)
     text = table(args.out, grid)
     (args.out / f"table-{args.task}.md").write_text(text + "\n")
+    figure(args.out, grid, args.task)
     print(text)
 
 
