@@ -4,6 +4,7 @@ weight (no router-lr lever).
 
     .venv/bin/python benchmarks/engine_mismatch_search.py                      # the whole search, 2 runs at a time
     .venv/bin/python benchmarks/engine_mismatch_search.py --report-only        # the table from the shipped runs
+    .venv/bin/python benchmarks/engine_mismatch_search.py --controls           # R2, frozen, MIS, GSPO in the regime
 
 Settings: model shape {default toy (L4 E8 K2, F 256), fine (L8 E32 K4, F 128: the same active width)} ×
 rollout precision {32, bf16, fp8} × optimiser steps per rollout {4 (the default: 4 minibatches of 64), 16
@@ -41,6 +42,17 @@ def settings(task: str) -> dict[str, list[str]]:
                                                         "--rollout-precision", precision]
             for shape, shape_args in SHAPES.items() for updates, update_args in UPDATES.items()
             for precision in PRECISIONS}
+
+
+# In the regime of largest mismatch (fine toy, 16 updates per rollout, fp8 rollouts): one seed each of R2, the
+# frozen router, MIS and GSPO beside GRPO, as issue 25 asks of the search.
+CONTROLS = {"routing_replay_r2": ["--routing-replay"], "frozen_router": ["--freeze-router"],
+            "mis_token": ["--rollout-mask", "token"], "gspo": ["--loss", "gspo"]}
+
+
+def controls(task: str) -> dict[str, list[str]]:
+    regime = settings(task)[f"{task}_fine_u16_fp8"]
+    return {f"{task}_fine_u16_fp8_{name}": [*regime, *flags] for name, flags in CONTROLS.items()}
 
 
 def table(out: Path, grid: dict[str, list[str]]) -> str:
@@ -94,11 +106,13 @@ def main() -> None:
     parser.add_argument("--task", choices=("arithmetic", "countdown"), default="arithmetic")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--only", nargs="+", default=None, help="run these settings only")
+    parser.add_argument("--controls", action="store_true",
+                        help="instead: R2, frozen router, MIS and GSPO, one seed each, in the fine/16/fp8 regime")
     parser.add_argument("--report-only", action="store_true", help="write the table from the runs there are")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs: got {args.jobs}; expected a whole number >= 1")
-    grid = settings(args.task)
+    grid = controls(args.task) if args.controls else settings(args.task)
     if args.only:
         unknown = sorted(set(args.only) - set(grid))
         if unknown:
@@ -110,8 +124,10 @@ def main() -> None:
         runs = [Run(name, 1e-4, 0) for name in grid]
         run_grid(runs, args.out, {run.name: grid[run.variant] for run in runs}, args.jobs)
     text = table(args.out, grid)
-    (args.out / f"table-{args.task}.md").write_text(text + "\n")
-    figure(args.out, grid, args.task)
+    kind = "controls" if args.controls else "table"
+    (args.out / f"{kind}-{args.task}.md").write_text(text + "\n")
+    if not args.controls:
+        figure(args.out, grid, args.task)
     print(text)
 
 
