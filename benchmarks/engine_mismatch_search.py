@@ -65,11 +65,11 @@ def table(out: Path, grid: dict[str, list[str]]) -> str:
             rows.append(f"| {name} | not run yet |||||||||")
             continue
         m = read_metrics(path)
-        accuracy = [a for a in m["accuracy"] if not math.isnan(a)]
-        mean = lambda name: statistics.fmean(v for v in m.get(name, [math.nan]) if not math.isnan(v)) if any(  # noqa: E731
-            not math.isnan(v) for v in m.get(name, [])) else math.nan
+        logged = lambda name: [v for v in m.get(name, []) if not math.isnan(v)]  # noqa: E731  (NaN: not logged that step)
+        mean = lambda name: statistics.fmean(logged(name)) if logged(name) else math.nan  # noqa: E731
+        accuracy = logged("accuracy")
         crash = "yes" if min(accuracy) < accuracy[0] / 2 else "no"
-        last = [v for v in m["entropy"] if not math.isnan(v)][-10:]
+        last = logged("entropy")[-10:]
         rows.append(f"| {name} | {accuracy[0]:.3f} | {accuracy[-1]:.3f} | {min(accuracy):.3f} | "
                     f"{statistics.fmean(accuracy):.3f} | {crash} | {mean('rollout_routing_mismatch'):.2%} | "
                     f"{mean('rollout_tokens_flipped'):.1%} | {mean('rollout_kl'):.1e} | {mean('clip_frac'):.3f} | "

@@ -20,7 +20,6 @@ Rollout fp8+router also quantizes the routers' weights, which the RL loop's fp8 
 """
 import argparse
 import csv
-import dataclasses
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minirspo.config import RLConfig  # noqa: E402
-from minirspo.loss import rollout_mismatch_metrics  # noqa: E402
+from minirspo.loss import rollout_mismatch_metrics, routing_flips  # noqa: E402
 from minirspo.policy import ToyPolicy  # noqa: E402
 from minirspo.rollout import BuiltinEngine, LowPrecisionCopy  # noqa: E402
 from minirspo.warmstart import warm_start, warm_start_dir  # noqa: E402
@@ -89,10 +88,8 @@ def measure(policy: ToyPolicy, precision: str, args) -> dict[str, object]:
     scores = policy.score(prompt_ids, prompt_mask, samples.tokens, samples.mask, temperature=0.7)
     metrics = rollout_mismatch_metrics(scores.logprobs, samples.logprobs, samples.mask, scores.router_logits,
                                        samples.topk_idx)
-    top_k = samples.topk_idx.shape[-1]
-    own = scores.router_logits.topk(top_k, dim=-1).indices.sort(-1).values                      # (L, B, N, K)
-    differs = (own != samples.topk_idx.sort(-1).values).any(-1) & samples.mask                   # (L, B, N)
-    per_layer = differs.float().sum(dim=(1, 2)) / samples.mask.sum().clamp(min=1)               # (L,)
+    flips = routing_flips(scores.router_logits, samples.topk_idx, samples.mask)                  # (L, B, N)
+    per_layer = flips.float().sum(dim=(1, 2)) / samples.mask.sum().clamp(min=1)                 # (L,)
     return {name: float(value) for name, value in metrics.items()} | {"per_layer": per_layer.tolist(),
                                                                        "tokens": int(samples.mask.sum())}
 

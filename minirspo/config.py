@@ -430,7 +430,7 @@ def validate(config: RLConfig) -> None:
         check_accelerator(config.pretrain.accelerator, "pretrain.accelerator")
     check_fits_model(config)
     try:
-        check_rollout_engine(config.rollout_engine, config.model.partition(":")[0] or "toy")
+        check_rollout_engine(config.rollout_engine)
     except (ValueError, ModuleNotFoundError) as error:
         refuse("rollout_engine", config.rollout_engine, str(error))
 

@@ -149,15 +149,21 @@ def router_shift_metrics(gamma: Tensor, mask: Tensor, gamma_min: float) -> dict[
 
 
 @torch.no_grad()
+def routing_flips(router_logits: Tensor, topk_idx: Tensor, mask: Tensor) -> Tensor:
+    """(L, B, T) bool: the valid (layer, token) pairs whose top-K expert set under `router_logits`' own top-K
+    differs, as a set, from `topk_idx` (L, B, T, K). The router's own choice, so under a replay it still says
+    where the router would have sent each token."""
+    own = router_logits.topk(topk_idx.shape[-1], dim=-1).indices.sort(dim=-1).values  # (L, B, T, K)
+    return (own != topk_idx.sort(dim=-1).values).any(dim=-1) & mask.bool()           # (L, B, T)
+
+
+@torch.no_grad()
 def routing_consistency(router_logits: Tensor, old_topk_idx: Tensor, mask: Tensor) -> Tensor:
     """Share of (valid token, MoE layer) pairs whose top-K expert set under the current router equals the
-    old policy's, as sets (the paper's non-shifted routing ratio). Uses the router's own top-K, so under
-    routing replay it still measures where the router would have sent each token."""
-    top_k = old_topk_idx.shape[-1]
-    current = router_logits.topk(top_k, dim=-1).indices.sort(dim=-1).values       # (L, B, T, K)
-    same = (current == old_topk_idx.sort(dim=-1).values).all(dim=-1)               # (L, B, T)
-    weight = mask.float()                                                          # (B, T)
-    return (same.float() * weight).sum() / (weight.sum() * same.shape[0]).clamp(min=1)
+    old policy's, as sets (the paper's non-shifted routing ratio; `routing_flips` counts the others)."""
+    flips = routing_flips(router_logits, old_topk_idx, mask)                       # (L, B, T)
+    pairs = mask.float().sum() * flips.shape[0]
+    return (pairs - flips.float().sum()) / pairs.clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,9 +317,7 @@ def rollout_mismatch_metrics(old_logprobs: Tensor, rollout_logprobs: Tensor, mas
                "rollout_logprob_diff_max": delta.abs().amax() if delta.numel() else delta.new_zeros(()),
                "rollout_kl": _weighted_sum(torch.expm1(delta) - delta, weight) / n_valid}
     if router_logits is not None and rollout_topk_idx is not None and router_logits.shape[0] > 0:
-        top_k = rollout_topk_idx.shape[-1]
-        own = router_logits.topk(top_k, dim=-1).indices.sort(dim=-1).values          # (L, B, T, K)
-        differs = (own != rollout_topk_idx.sort(dim=-1).values).any(dim=-1) & mask.bool()  # (L, B, T)
+        differs = routing_flips(router_logits, rollout_topk_idx, mask)                # (L, B, T)
         metrics["rollout_routing_mismatch"] = differs.float().sum() / (n_valid * differs.shape[0])
         metrics["rollout_tokens_flipped"] = differs.any(dim=0).float().sum() / n_valid
     return metrics

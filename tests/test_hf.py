@@ -339,7 +339,7 @@ def test_load_policy_errors(tmp_path, checkpoints):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_policy(f"hf:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="rollout_engine"):
-        check_rollout_engine("sglang", "hf")
+        check_rollout_engine("sglang")
     jittery = make_tiny_hf_checkpoint(tmp_path / "jitter", "mixtral", router_jitter_noise=0.1)
     with pytest.raises(ValueError, match="router_jitter_noise"):
         load_policy(f"hf:{jittery}")

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from minirspo.policy import ToyPolicy, load_policy
+from minirspo.policy import ToyPolicy
 from minirspo.report import read_metrics
 from minirspo.testing import make_tiny_hf_checkpoint
 from minirspo.train import main

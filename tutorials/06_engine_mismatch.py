@@ -40,7 +40,7 @@ matplotlib.use("Agg")  # figures are written to PNG files next to this tutorial
 import matplotlib.pyplot as plt
 import torch
 
-from minirspo.loss import (rollout_keep_mask, rollout_mismatch_metrics, router_shift_ratio,
+from minirspo.loss import (rollout_keep_mask, rollout_mismatch_metrics, router_shift_ratio, routing_flips,
                            truncated_is_weights)
 from minirspo.policy import ToyPolicy
 from minirspo.rollout import BuiltinEngine
@@ -98,10 +98,8 @@ for precision, (samples, old) in results.items():
 # %%
 def flips_per_layer(samples, old) -> torch.Tensor:
     """Share of response tokens whose top-K set in each layer differs between μ and π_old's own router: (L,)."""
-    top_k = samples.topk_idx.shape[-1]
-    own = old.router_logits.topk(top_k, dim=-1).indices.sort(-1).values                     # (L, B, N, K)
-    differs = (own != samples.topk_idx.sort(-1).values).any(-1) & samples.mask               # (L, B, N)
-    return differs.float().sum(dim=(1, 2)) / samples.mask.sum()                              # (L,)
+    flips = routing_flips(old.router_logits, samples.topk_idx, samples.mask)                 # (L, B, N)
+    return flips.float().sum(dim=(1, 2)) / samples.mask.sum()                                # (L,)
 
 
 figure, axis = plt.subplots(figsize=(6, 3))

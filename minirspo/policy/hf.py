@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.utils.checkpoint import checkpoint
 
+from minirspo.loss import router_logprobs_at
 from minirspo.policy.base import Policy, Samples, Scores, left_pad, next_token_entropy
 from toy_moe.generate import pick_tokens, token_logprobs
 
@@ -345,11 +346,11 @@ class HFPolicy(Policy):
             return Samples(tokens, mask, logprobs, empty, empty.float(),
                            prompt_ids.new_zeros((0, len(tokens), prompt_ids.shape[1] + tokens.shape[1], 0))
                            if record == "routing" else None)
-        n_layers, batch = len(self.router.gates), len(tokens)
+        n_layers = len(self.router.gates)
         prefill, steps = records[:n_layers], records[n_layers:]  # then one record per layer per decode step
-        step_logits = rearrange(torch.stack([logits.float() for logits, _ in steps]), "(n l) b e -> l b n e", l=n_layers)  # (L, B, N, E)
+        step_logits = rearrange(torch.stack([logits for logits, _ in steps]), "(n l) b e -> l b n e", l=n_layers)  # (L, B, N, E)
         topk_idx = rearrange(torch.stack([experts for _, experts in steps]), "(n l) b k -> l b n k", l=n_layers)  # (L, B, N, K)
-        topk_logprobs = step_logits.log_softmax(dim=-1).gather(-1, topk_idx)              # (L, B, N, K)
+        topk_logprobs = router_logprobs_at(step_logits, topk_idx)                          # (L, B, N, K)
         routing = None
         if record == "routing":
             prompt_experts = torch.stack([experts for _, experts in prefill])              # (L, U·P, K)

@@ -24,7 +24,7 @@ ROLLOUT_ENGINES = get_args(RolloutEngineName)
 VLLM_PRECISIONS = ("32", "bf16", "fp16")
 
 
-def check_rollout_engine(rollout_engine: str, kind: str = "hf") -> None:
+def check_rollout_engine(rollout_engine: str) -> None:
     """--rollout-engine: `hf`, the built-in decode, always runs; `vllm` needs the vllm package (make setup VLLM=1)."""
     if rollout_engine not in ROLLOUT_ENGINES:
         raise ValueError(f"unknown rollout_engine {rollout_engine!r}; choose one of {list(ROLLOUT_ENGINES)}")

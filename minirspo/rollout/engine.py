@@ -78,6 +78,9 @@ class BuiltinEngine(RolloutEngine):
             return self.copy.policy.generate(prompt_ids, prompt_mask, **arguments)
 
 
+BATCH_FIRST = ("tokens", "mask", "logprobs")  # Samples fields with the batch on dim 0; the routing ones on dim 1
+
+
 def join_rollouts(parts: Sequence[Samples], prompt_width: int) -> Samples:
     """Rows of several rollouts (e.g. DAPO's resampling rounds) as one: responses right-padded to the longest
     response (columns no row uses are dropped), routing's prompt part left-aligned to `prompt_width` (the
@@ -89,30 +92,28 @@ def join_rollouts(parts: Sequence[Samples], prompt_width: int) -> Samples:
         x = x.narrow(dim, 0, min(width, x.shape[dim]))
         return F.pad(x, [0, 0] * (x.ndim - 1 - dim) + [0, width - x.shape[dim]], value=value)
 
-    def experts(x: Tensor, prompt: bool) -> Tensor:  # (L, b, ·, K) with pads as 0..K−1
-        if prompt:
-            x = x[:, :, max(x.shape[2] - prompt_width, 0):]
-            filler = torch.arange(x.shape[-1], device=x.device).expand(*x.shape[:2], prompt_width - x.shape[2], -1)
-            return torch.cat([filler, x], dim=2)                                           # (L, b, prompt_width, K)
-        x = x[:, :, :width]
-        filler = torch.arange(x.shape[-1], device=x.device).expand(*x.shape[:2], width - x.shape[2], -1)
-        return torch.cat([x, filler], dim=2)                                               # (L, b, width, K)
+    def experts(x: Tensor, length: int, left: bool) -> Tensor:  # (L, b, ·, K) cut or padded to `length`, pads 0..K−1
+        x = x[:, :, max(x.shape[2] - length, 0):] if left else x[:, :, :length]
+        filler = torch.arange(x.shape[-1], device=x.device).expand(*x.shape[:2], length - x.shape[2], -1)
+        return torch.cat([filler, x] if left else [x, filler], dim=2)                      # (L, b, length, K)
+
+    def routing(part: Samples) -> Tensor:  # (L, b, prompt_width + width, K)
+        prompt_len = part.routing.shape[2] - part.tokens.shape[1]
+        return torch.cat([experts(part.routing[:, :, :prompt_len], prompt_width, left=True),
+                          experts(part.routing[:, :, prompt_len:], width, left=False)], dim=2)
 
     joined = {"tokens": [right(p.tokens, 1) for p in parts], "mask": [right(p.mask, 1, False) for p in parts]}
     if parts[0].logprobs is not None:
         joined["logprobs"] = [right(p.logprobs, 1) for p in parts]
     if parts[0].topk_idx is not None:  # an engine may return log-probs without routing (vLLM)
-        joined["topk_idx"] = [experts(p.topk_idx, prompt=False) for p in parts]
+        joined["topk_idx"] = [experts(p.topk_idx, width, left=False) for p in parts]
         joined["topk_logprobs"] = [right(p.topk_logprobs, 2) for p in parts]
     if parts[0].routing is not None:
-        joined["routing"] = [torch.cat([experts(p.routing[:, :, :p.routing.shape[2] - p.tokens.shape[1]], prompt=True),
-                                        experts(p.routing[:, :, p.routing.shape[2] - p.tokens.shape[1]:], prompt=False)],
-                                       dim=2) for p in parts]                             # (L, b, prompt_width + width, K)
-    return Samples(**{name: torch.cat(tensors, dim=0 if name in ("tokens", "mask", "logprobs") else 1)
-                      for name, tensors in joined.items()})
+        joined["routing"] = [routing(p) for p in parts]
+    return Samples(**{name: torch.cat(tensors, dim=0 if name in BATCH_FIRST else 1) for name, tensors in joined.items()})
 
 
 def rows_of(samples: Samples, rows: slice) -> Samples:
-    """The rows `rows` of a rollout: batch is dim 0 of tokens, mask and log-probs, dim 1 of the routing tensors."""
-    return Samples(*(None if x is None else x[rows] if name in ("tokens", "mask", "logprobs") else x[:, rows]
+    """The rows `rows` of a rollout (the batch is dim 0 of BATCH_FIRST's fields, dim 1 of the routing ones)."""
+    return Samples(*(None if x is None else x[rows] if name in BATCH_FIRST else x[:, rows]
                      for name, x in zip(Samples._fields, samples)))

@@ -13,7 +13,6 @@ renormalised (`norm_topk_prob=False`).
 own reverse conversion, what `save_pretrained` writes: e.g. Mixtral's fused `mlp.experts.gate_up_proj` (E, 2F,
 D) becomes `block_sparse_moe.experts.{e}.w1/w3.weight`), the names an engine's in-place weight reload expects.
 """
-from pathlib import Path
 
 import torch
 from einops import rearrange
@@ -79,10 +78,3 @@ def hf_checkpoint_weights(lm: nn.Module, state_dict: dict[str, Tensor] | None = 
     from transformers.core_model_loading import revert_weight_conversion
     state_dict = {name: value.detach() for name, value in (lm.state_dict() if state_dict is None else state_dict).items()}
     return dict(revert_weight_conversion(lm, state_dict))
-
-
-def save_for_engine(lm: nn.Module, folder: Path | str) -> Path:
-    """lm's config and weights in checkpoint format (safetensors), what an engine loads at start-up."""
-    folder = Path(folder)
-    lm.save_pretrained(folder)
-    return folder

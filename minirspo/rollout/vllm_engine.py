@@ -20,15 +20,13 @@ and the routing mismatch columns are unavailable with this engine (refused, or l
 """
 import os
 import tempfile
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from minirspo.policy import HFPolicy, Policy, Samples, ToyPolicy
-from minirspo.policy.base import Record
 from minirspo.rollout.engine import RolloutEngine
-from minirspo.rollout.export import hf_checkpoint_weights, mixtral_weights, save_for_engine, toy_as_mixtral
+from minirspo.rollout.export import hf_checkpoint_weights, mixtral_weights, toy_as_mixtral
 
 DTYPES = {"32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -75,7 +73,7 @@ class VLLMEngine(RolloutEngine):
         self.folder = tempfile.TemporaryDirectory(prefix="minirspo-vllm-")
         if isinstance(self.trainer, ToyPolicy):  # the export's weights, refreshed from the toy's current ones
             self.template.load_state_dict({name: weight.detach() for name, weight in mixtral_weights(self.trainer.model).items()})
-        save_for_engine(self.template, Path(self.folder.name))
+        self.template.save_pretrained(self.folder.name)  # config and safetensors, what vLLM loads at start-up
         self.llm = LLM(model=self.folder.name, skip_tokenizer_init=True, dtype=DTYPES[self.precision],
                        enforce_eager=True, max_model_len=self.max_model_len, seed=self.seed,
                        logprobs_mode="processed_logprobs")
