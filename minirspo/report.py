@@ -41,31 +41,6 @@ def read_rows(path: Path | str) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def write_rows(path: Path | str, rows: list[dict[str, str]], columns: list[str]) -> None:
-    """Write `rows` under the header `columns` (a metrics.csv, or a copy of its rows)."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def merge_metrics(earlier: Path | str, later: Path | str) -> None:
-    """Prepend the rows of `earlier` that come before `later`'s first step, then delete `earlier`.
-
-    A resumed run copies its earlier rows aside (`earlier`) before Lightning's CSVLogger deletes metrics.csv,
-    and moves them back at once (train.keep_rows_before); this recovers them if it was killed in between.
-    Rows past the checkpoint (logged before an interruption, then redone) are dropped, so every step appears
-    once."""
-    if not Path(later).is_file():
-        Path(earlier).replace(later)
-        return
-    later_rows = read_rows(later)
-    first = min((int(row["step"]) for row in later_rows), default=None)
-    rows = [row for row in read_rows(earlier) if first is None or int(row["step"]) < first] + later_rows
-    write_rows(later, rows, list(dict.fromkeys(key for row in rows for key in row)))
-    Path(earlier).unlink()
-
-
 def smoothed(values: list[float], width: int = 5) -> list[float]:
     """Trailing mean over `width` steps (fewer at the start)."""
     return [sum(values[max(0, i - width + 1):i + 1]) / (i + 1 - max(0, i - width + 1)) for i in range(len(values))]

@@ -21,8 +21,10 @@ from minirspo.config import RLConfig, parse_config
 from toy_moe.cli import UsageError, as_plain_data, differences
 
 RECORD = ("config.yaml", "metrics.csv", "checkpoints")
-# What a run writes into --out (train.run): a fresh run with --overwrite starts without any of it.
-RUN_OUTPUTS = (*RECORD, "metrics.before-resume.csv", "hparams.yaml", "curves.png", "tensorboard")
+# What a run writes into --out (train.run; metrics.csv.tmp is left by a run killed while writing metrics.csv),
+# and what earlier versions wrote there (hparams.yaml, metrics.before-resume.csv): a fresh run with --overwrite
+# starts without any of it.
+RUN_OUTPUTS = (*RECORD, "metrics.csv.tmp", "curves.png", "tensorboard", "hparams.yaml", "metrics.before-resume.csv")
 # Settings a resume may change: how long it goes on, how often it saves and evaluates, how much it says;
 # resume and overwrite are what this command does, not settings, and out is the folder itself.
 MAY_CHANGE = ("max_steps", "checkpoint_every", "eval_every", "verbose", "resume", "overwrite", "out")

@@ -38,7 +38,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from torch.utils.data import DataLoader, IterableDataset
@@ -47,10 +47,10 @@ from minirspo.config import RLConfig, parse_config, validate
 from minirspo.distributed import build_strategy
 from minirspo.module import RLModule
 from minirspo.policy import load_policy
-from minirspo.report import merge_metrics, plot_curves, read_metrics, read_rows, summary_table, write_rows
+from minirspo.report import plot_curves, read_metrics, summary_table
 from minirspo.run_folder import check_run_folder, checkpoint_path, clear_run_folder
 from minirspo.warmstart import warm_start
-from toy_moe.cli import StepProgressBar, UsageError, fail, quiet_console, run_main, write_config
+from toy_moe.cli import MetricsCSV, StepProgressBar, UsageError, fail, quiet_console, run_main, write_config
 
 
 class _Ticks(IterableDataset):
@@ -106,8 +106,9 @@ class StopOnInterrupt(Callback):
         def request_stop(signum, frame):
             signal.signal(signal.SIGINT, self.previous)
             self.requested = True
-            Console(stderr=True).print("[yellow]Ctrl-C: finishing this RL step, then saving a checkpoint "
-                                       "(Ctrl-C again to abort)")
+            # through the bar, above its line: a Console of our own would write onto that line
+            trainer.progress_bar_callback.print("[yellow]Ctrl-C: finishing this RL step, then saving a checkpoint "
+                                                "(Ctrl-C again to abort)")
         self.previous = signal.signal(signal.SIGINT, request_stop)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -117,26 +118,6 @@ class StopOnInterrupt(Callback):
 
     def on_train_end(self, trainer, pl_module):
         signal.signal(signal.SIGINT, self.previous)
-
-
-def keep_rows_before(logger: CSVLogger, first_step: int) -> None:
-    """Start a resumed run's metrics.csv with the earlier rows of steps before `first_step`, so the live file
-    holds the whole run. Rows at `first_step` and after were logged before an interruption and are about to
-    be redone, so they go. Starting CSVLogger's writer deletes an existing metrics.csv, so the kept rows wait
-    in a copy while it starts, then move back, and the writer is told their columns so that its rows append
-    under the same header. A copy left by a resume killed in between is merged first."""
-    path = Path(logger.log_dir) / "metrics.csv"
-    kept = path.with_name("metrics.before-resume.csv")
-    if kept.is_file():
-        merge_metrics(kept, path)
-    if not path.is_file():
-        return
-    rows = [row for row in read_rows(path) if int(row["step"]) < first_step]
-    columns = sorted({key for row in rows for key in row})  # the writer keeps its columns sorted too
-    write_rows(kept, rows, columns)
-    writer = logger.experiment  # a lightning _ExperimentWriter: starting it deletes metrics.csv
-    kept.replace(path)
-    writer.metrics_keys = columns
 
 
 def run(config: RLConfig) -> Path:
@@ -164,9 +145,10 @@ def run(config: RLConfig) -> Path:
         console.print("router load-balance loss is off during RL (--aux-loss-coef 0)")
 
     latest = LatestMetrics()
-    csv_logger = CSVLogger(out, name="", version="", flush_logs_every_n_steps=1)  # metrics.csv is live
-    if config.resume and rank_zero_only.rank == 0:  # a run with nothing left to train keeps its final row too
-        keep_rows_before(csv_logger, done if done < config.max_steps else done + 1)
+    # A resume redoes the steps from `done` on; metrics.csv keeps the rows of the steps before them (all of them,
+    # the final row included, when nothing is left to train).
+    redo_from = 0 if not config.resume else done if done < config.max_steps else done + 1
+    csv_logger = MetricsCSV(out / "metrics.csv", keep_steps_before=redo_from)  # live: a row as it is logged
     loggers = [csv_logger, latest]
     try:
         loggers.append(TensorBoardLogger(out, name="tensorboard", version=""))

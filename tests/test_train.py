@@ -9,9 +9,9 @@ import torch
 from minirspo.config import RLConfig
 from minirspo.module import RLModule
 from minirspo.policy import ToyPolicy, load_policy
-from minirspo.report import read_metrics
+from minirspo.report import read_metrics, read_rows
 from minirspo.tasks import score
-from minirspo.train import keep_rows_before, main
+from minirspo.train import main
 from minirspo.warmstart import warm_start
 from toy_moe.model import ToyMoE, ToyMoEConfig
 from toy_moe.checkpoint import load_toy_checkpoint, save_toy_checkpoint
@@ -373,44 +373,38 @@ def test_rspo_raises_the_reward(tmp_path):
     assert after > before + 0.025, (before, after)
 
 
-def test_a_resume_killed_before_it_merged_its_metrics_loses_no_row_on_the_next_resume(tiny_checkpoint, tmp_path):
-    common = ["--checkpoint-every", "1", "--seed", "3"]
-    main(tiny_args(tiny_checkpoint, tmp_path, *common, "--max-steps", "4"))
-    rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    # what a resume from step 2, killed (SIGKILL) after logging steps 2 and 3, leaves: the rows it set aside
-    # and its own live metrics.csv
-    (tmp_path / "metrics.before-resume.csv").write_text("\n".join(rows[:3]) + "\n")
-    (tmp_path / "metrics.csv").write_text("\n".join(rows[:1] + rows[3:]) + "\n")
-    main(tiny_args(tiny_checkpoint, tmp_path, *common, "--max-steps", "6", "--resume"))
-    assert read_metrics(tmp_path / "metrics.csv")["step"] == [float(step) for step in range(7)]
-    assert not (tmp_path / "metrics.before-resume.csv").exists()
-
-
-def test_a_resumed_run_s_live_metrics_csv_starts_with_the_earlier_rows(tiny_checkpoint, tmp_path):
-    # What a user watching metrics.csv during a resumed run sees: the steps before the checkpoint, then the
-    # new ones as they come; Lightning's CSVLogger alone deletes the file when it starts.
-    from lightning.pytorch.loggers import CSVLogger
-    main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "3", "--eval-every", "2"))
-    before = read_metrics(tmp_path / "metrics.csv")
-    logger = CSVLogger(tmp_path, name="", version="", flush_logs_every_n_steps=1)
-    keep_rows_before(logger, 2)
-    assert read_metrics(tmp_path / "metrics.csv") == {name: values[:2] for name, values in before.items()}
-    logger.log_metrics({"loss": 0.5}, step=2)
-    logger.save()
-    after = read_metrics(tmp_path / "metrics.csv")
-    assert after["step"] == [0.0, 1.0, 2.0] and after["loss"] == before["loss"][:2] + [0.5]
-    assert after["accuracy"][0] == before["accuracy"][0] and math.isnan(after["accuracy"][2])
+def test_a_resume_keeps_the_rows_before_its_checkpoint_and_logs_each_redone_step_once(tiny_checkpoint, tmp_path):
+    import csv
+    main(tiny_args(tiny_checkpoint, tmp_path, "--checkpoint-every", "1", "--max-steps", "2"))  # last.ckpt: step 2
+    metrics = tmp_path / "metrics.csv"
+    before = read_rows(metrics)
+    # what a run killed after logging steps 2 and 3 past that checkpoint leaves: rows the resume redoes
+    with open(metrics, "a", newline="") as handle:
+        stale = csv.DictWriter(handle, fieldnames=list(before[0]))
+        stale.writerows([{"step": step, "loss": "-999"} for step in (2, 3)])
+    main(tiny_args(tiny_checkpoint, tmp_path, "--checkpoint-every", "1", "--max-steps", "4", "--resume"))
+    after = read_rows(metrics)
+    assert [row["step"] for row in after] == ["0", "1", "2", "3", "4"]
+    assert after[:2] == before[:2]  # the earlier rows, cell for cell
+    assert all(row["loss"] != "-999" for row in after) and after[2]["accuracy"] != ""
+    # a resume with nothing left to train leaves the file as it was, the final row included
+    written = metrics.read_bytes()
+    main(tiny_args(tiny_checkpoint, tmp_path, "--checkpoint-every", "1", "--max-steps", "4", "--resume"))
+    assert metrics.read_bytes() == written
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_checkpoint, tmp_path):
+    import os
+    import re
     import signal
     import subprocess
     import sys
     import time
 
     args = tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "200", "--checkpoint-every", "1000")
+    # TTY_COMPATIBLE: rich draws the live bar as on a terminal, so the output shows where the notice landed
     process = subprocess.Popen([sys.executable, "-m", "minirspo.train", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True, env=os.environ | {"TTY_COMPATIBLE": "1"})
     checkpoint, metrics = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "metrics.csv"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):  # header + 2 steps
@@ -419,7 +413,10 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_checkpoint, tmp_path):
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
-    assert "Ctrl-C" in output and checkpoint.is_file()
+    assert checkpoint.is_file()
+    # the notice printed while the bar is live has a line of its own above the bar, not the end of the bar's line
+    lines = re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output))  # without colours and cursor moves
+    assert any(line.startswith("Ctrl-C: finishing this RL step") for line in lines), output
     stopped_at = torch.load(checkpoint, weights_only=False)["global_step"]
     # a whole number of RL steps: the interrupted step finished before the checkpoint (16 sequences / 8 = 2
     # optimiser steps per RL step), and the run stopped long before its 200 steps
@@ -646,23 +643,23 @@ def test_the_progress_bar_counts_rl_steps_across_a_resume(tiny_checkpoint, tmp_p
 
     def recording_bar(config, latest):
         bar = make_bar(config, latest)
-        update = bar._update
+        show = bar.show
 
-        def record(bar_id, current, *args, **kwargs):
-            if bar_id is not None and bar_id == bar.train_progress_bar_id:
-                seen.append((current, bar.total_train_batches))
-            return update(bar_id, current, *args, **kwargs)
-        bar._update = record
+        def record(trainer, pl_module):  # what the bar draws after each update: (k, N, its metrics)
+            show(trainer, pl_module)
+            task = bar.progress.tasks[0]
+            seen.append((int(task.completed), int(task.total), task.fields["shown"]))
+        bar.show = record
         return bar
 
     monkeypatch.setattr(minirspo.train, "rl_progress_bar", recording_bar)
     # 16 sequences per step in minibatches of 8: 2 optimiser steps per RL step
     main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "2"))
-    assert seen and seen[-1] == (2, 2) and max(current for current, _ in seen) == 2
+    assert [(k, n) for k, n, _ in seen] == [(0, 2), (1, 2), (2, 2)]
+    assert seen[0][2] == "" and all(shown.startswith("reward: ") and " acc: " in shown for _, _, shown in seen[1:])
     seen.clear()
     main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "4", "--resume"))
-    assert {total for _, total in seen} == {4}
-    assert sorted({current for current, _ in seen}) == [2, 3, 4]  # starts at 2 of 4, not 0 of 2
+    assert [(k, n) for k, n, _ in seen] == [(2, 4), (3, 4), (4, 4)]  # starts at 2 of 4, not 0 of 2
 
 
 def test_a_run_prints_what_happens_and_no_library_noise(tiny_checkpoint, tmp_path):

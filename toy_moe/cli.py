@@ -12,12 +12,15 @@ shared pieces live here, below both).
   a bad key or value that came from a config file names the file.
 - `run_main` ends a program whose reader went away (`--help | head -3`) quietly, without a traceback.
 - Lightning's start-up chatter, tips and library deprecation warnings are silenced unless `--verbose`.
-- `StepProgressBar` is Lightning's RichProgressBar counting the run's own steps (k/N across epochs and
-  resumes), with the few metrics the run chooses and no validation bar.
+- `MetricsCSV` is a run's live metrics.csv (CSVLogger's format): a resume keeps the rows of the steps before
+  the ones it redoes, and every write replaces the file atomically.
+- `StepProgressBar` is a rich progress bar counting the run's own steps (k/N across epochs and resumes), with
+  the few metrics the run chooses and no validation bar.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import io
 import logging
@@ -28,9 +31,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+import torch
 import tyro
 import yaml
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 T = TypeVar("T")
 
@@ -56,7 +65,10 @@ def parse_flags(flags_class: type[T], argv: Sequence[str] | None, *, prog: str, 
     typed = set(argv)
     argv, origins = expand_config_files(argv)
     captured = io.StringIO()
-    # tyro frames its error message and wraps it to the terminal; a very wide "terminal" keeps every line whole
+    # tyro prints its error framed and wrapped to shutil.get_terminal_size(), cutting long tokens (paths) in
+    # two; a very wide "terminal" keeps every line whole. tyro 1.0.17 offers no public way to get the text or
+    # to give the width (console_outputs=False prints nothing at all; its error hook, tyro._errors, is
+    # private), and get_terminal_size reads only $COLUMNS or the real terminal, so COLUMNS is set for the call.
     columns = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "100000"
     try:
@@ -225,42 +237,149 @@ def quiet_console(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
-class StepProgressBar(RichProgressBar):
+# --- Lightning: metrics.csv and the progress bar -------------------------------------------------------
+class MetricsCSV(Logger):
+    """A run's metrics.csv, in the format Lightning's CSVLogger writes, kept whole across resumes and kills.
+
+    Format (what minirspo.report and the shipped metrics.csv files read): a header of every metric name logged
+    plus `step`, sorted; one row per `log_metrics` call, in the order logged, with the step it was logged at;
+    an empty cell where a row lacks a metric. A value is written as `str(value)` (a tensor as its `.item()`).
+
+    `keep_steps_before=k` starts the file from the rows of an existing metrics.csv whose step is below k: a
+    resumed run redoes steps k and after, so their rows, logged before the interruption, go. With 0 (a fresh
+    run) nothing is read, and the first write replaces whatever file is there.
+
+    Every write rewrites the whole file into `metrics.csv.tmp` beside it and renames that over metrics.csv
+    (`os.replace`, atomic), so a reader, or a kill at any moment, finds the previous complete file or the new
+    one, never half of one (a crash of the whole machine is another matter: nothing is fsync'ed). Each
+    `log_metrics` writes at once, so the file is live. Only process 0 writes."""
+
+    def __init__(self, path: Path | str, keep_steps_before: int = 0):
+        super().__init__()
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        self.unwritten = False  # whether self.rows differ from the file
+        if keep_steps_before > 0 and self.path.is_file():
+            with open(self.path, newline="") as handle:
+                earlier = [{name: text for name, text in row.items() if text != ""} for row in csv.DictReader(handle)]
+            self.rows = [row for row in earlier if int(row["step"]) < keep_steps_before]
+            self.unwritten = len(self.rows) < len(earlier)  # the redone steps' rows leave at the first save
+
+    @property
+    def name(self) -> str:
+        return "metrics.csv"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.path.parent)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # a run's settings are its config.yaml
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        row = {name: value.item() if isinstance(value, torch.Tensor) else value for name, value in metrics.items()}
+        self.rows.append(row | {"step": len(self.rows) if step is None else step})
+        self.unwritten = True
+        self.save()
+
+    @rank_zero_only
+    def save(self) -> None:
+        # The whole file each time: a run logs hundreds to a few thousand rows of about half a kilobyte, a
+        # write of a megabyte or two at most, once per step that takes seconds.
+        if not self.unwritten:
+            return
+        columns = sorted({name for row in self.rows for name in row})
+        partial = self.path.with_name(self.path.name + ".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(partial, self.path)
+        self.unwritten = False
+
+
+class StepProgressBar(ProgressBar):
     """One bar in the run's own steps, k/N, continuing across epochs and after a resume; `metrics(trainer)`
-    gives the few values it shows. Validation runs without a bar of its own (its result shows in the metrics).
+    gives the few values it shows (name -> text). Validation runs without a bar of its own (its result shows
+    in the metrics).
 
     `steps_done(trainer)` counts the steps: `trainer.global_step` counts optimiser steps, which is the
-    run's unit for a supervised run but not for RL, where one step makes several optimiser steps."""
+    run's unit for a supervised run but not for RL, where one step makes several optimiser steps.
+
+    Built on Lightning's public ProgressBar hooks and drawn with rich.progress. Lightning calls `disable()` on
+    every process but rank 0, which then draws nothing. While the bar is live, rich routes sys.stdout and
+    sys.stderr through its display, so a line printed meanwhile with print() (to either), or with rich through
+    `print` here, appears above the bar instead of on its line. The bar stops, leaving its last state on
+    screen, when fit ends and on any exception, Ctrl-C included (Lightning calls `on_exception` for both)."""
 
     def __init__(self, description: str, total: int, steps_done: Callable[[Any], int],
                  metrics: Callable[[Any], dict[str, str]]):
         super().__init__()
         self.description, self.total, self.steps_done, self.metrics = description, total, steps_done, metrics
+        self.enabled = True
+        self.progress: Progress | None = None  # live from on_train_start to the end of fit
+        self.task: TaskID | None = None
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def disable(self) -> None:
+        self.enabled = False
 
     @property
-    def total_train_batches(self) -> int:
-        return self.total
+    def is_enabled(self) -> bool:  # LightningModule.print asks, to print through the bar
+        return self.enabled
 
-    def _get_train_description(self, current_epoch: int) -> str:  # RichProgressBar's "Epoch 0/-2"
-        return self.description
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self.train_progress_bar_id is None:  # one bar for the whole run, not one per epoch
-            super().on_train_epoch_start(trainer, pl_module)
-        self._update(self.train_progress_bar_id, self.steps_done(trainer))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._update(self.train_progress_bar_id, self.steps_done(trainer))
+    @property
+    def is_disabled(self) -> bool:
+        return not self.enabled
 
     def get_metrics(self, trainer, pl_module) -> dict[str, str]:
         return self.metrics(trainer)
 
-    def on_validation_start(self, trainer, pl_module) -> None:
-        pass
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """Print with rich (markup, Console.print's arguments): above the bar while it is live, else to stderr.
+        Code that prints while the bar is live with a Console of its own must print through this instead: rich
+        sends only writes to sys.stdout and sys.stderr through the live display, and another Console writes
+        straight to the terminal, onto the bar's line."""
+        (self.progress.console if self.progress is not None else Console(stderr=True)).print(*args, **kwargs)
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        pass
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.is_disabled:
+            return
+        # A resumed run starts at the step its checkpoint restored (global_step is restored before this hook).
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), "•", TimeRemainingColumn(), TextColumn("{task.fields[shown]}"),
+                                 console=Console(), refresh_per_second=2)  # the clocks tick in whole seconds
+        self.task = self.progress.add_task(self.description, total=self.total, shown="")
+        self.progress.start()
+        self.show(trainer, pl_module)
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        pass
+    def show(self, trainer, pl_module) -> None:
+        """Draw the steps done so far and the chosen metrics (nothing when the bar is not live)."""
+        if self.progress is not None:
+            shown = " ".join(f"{name}: {value}" for name, value in self.get_metrics(trainer, pl_module).items())
+            self.progress.update(self.task, completed=self.steps_done(trainer), shown=shown)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.show(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # a fresh accuracy, after the step's batch ended
+        self.show(trainer, pl_module)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()  # a final refresh, then stdout and stderr are given back
+            self.progress = None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.stop()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.stop()
