@@ -27,7 +27,8 @@ from minirspo.rollout import (ROLLOUT_ENGINES, ROLLOUT_PRECISIONS, VLLM_PRECISIO
                               RolloutPrecision, check_rollout_engine)
 from minirspo.tasks import TASKS, Task, make_task
 from toy_moe.cli import UsageError, as_plain_data, differences, parse_flags
-from toy_moe.model import ToyMoEConfig
+from toy_moe.model import ToyMoE, ToyMoEConfig
+from toy_moe.tokenizer import ToyTokenizer, load_tokenizer
 from toy_moe.pretrain import Accelerator, PretrainConfig, Precision, check_accelerator, name_flags
 
 TaskName = Literal["arithmetic", "countdown"]          # minirspo.tasks.TASKS
@@ -295,11 +296,7 @@ def check_values(config: RLConfig) -> None:
     if not 0 < config.gamma_floor_share < 1:
         refuse("gamma_floor_share", config.gamma_floor_share, "expected a number in (0, 1)")
     check_rollout_options(config)
-    knobs = task_knobs(config.task, config.task_options)
-    try:
-        make_task(config.task, **knobs)
-    except (TypeError, ValueError) as error:
-        refuse("task_options", config.task_options, str(error))
+    task_knobs(config.task, config.task_options)  # their types here; their values when `validate` builds the task
     check_scale(config)
     check_nothing_ignored(config)
 
@@ -418,28 +415,50 @@ def check_vllm_options(config: RLConfig) -> None:
                                          "--devices 1 --num-nodes 1")
 
 
-def validate(config: RLConfig) -> None:
-    """Everything `python -m minirspo.train` can check before it starts: the values, then the model file or
-    folder, --resume's checkpoint, the output folders and the accelerator. Raises UsageError."""
-    check_values(config)
+@dataclass(frozen=True)
+class CheckedModel:
+    """--model once its checks passed: its configuration, and what the run opens (nothing is read twice)."""
+
+    shape: ToyMoEConfig | dict                          # the toy's config, or the HF model's config.json
+    toy: tuple[ToyMoE, ToyTokenizer] | None = None      # toy:FILE, loaded once, while checking it
+    hf_dir: Path | None = None                          # hf:DIR, whose weights load only after every check
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """What `validate` derived while checking a configuration, handed to the run so it derives nothing again."""
+
+    task: Task                                          # the task with its --task-options knobs
+    model: CheckedModel | None                          # --model; None: the warm-started toy
+
+
+def validate(config: RLConfig) -> CheckedRun:
+    """Everything `python -m minirspo.train` can check before it starts, beyond the values `RLConfig` checked
+    when it was built: the task's knobs, the model file or folder, the output folders, the accelerator and
+    the rollout engine. Raises UsageError; returns what the checks derived (the task, the loaded --model)."""
     for name in ("out", "warmstart_dir"):
         if Path(getattr(config, name)).exists() and not Path(getattr(config, name)).is_dir():
             refuse(name, getattr(config, name), "expected a folder, but it is a file")
     check_accelerator(config.accelerator, "accelerator")
     if not config.model:
         check_accelerator(config.pretrain.accelerator, "pretrain.accelerator")
-    check_fits_model(config)
+    try:
+        task = config.build_task()
+    except (TypeError, ValueError) as error:  # a knob of the right type but out of the task's range
+        refuse("task_options", config.task_options, str(error))
+    model = check_model(config.model) if config.model else None
+    check_fits_model(config, task, model.shape if model else config.pretrain.model)
     try:
         check_rollout_engine(config.rollout_engine)
     except (ValueError, ModuleNotFoundError) as error:
         refuse("rollout_engine", config.rollout_engine, str(error))
+    return CheckedRun(task, model)
 
 
-def check_fits_model(config: RLConfig) -> None:
+def check_fits_model(config: RLConfig, task: Task, shape: ToyMoEConfig | dict) -> None:
     """What the model's configuration alone can refuse, before any weight is loaded for training: router
     flags on a dense model, and responses longer than the toy's positions (the toy's sampler would refuse
     them only at the first batch whose prompt is long enough, possibly hundreds of steps in)."""
-    shape = check_model(config.model) if config.model else config.pretrain.model
     name = config.model or "the warm-started toy MoE"
     if isinstance(shape, dict):  # hf: config.json
         check_router_flags(config, hf_config_is_moe(shape, config.model), name)
@@ -456,9 +475,8 @@ def check_fits_model(config: RLConfig) -> None:
             refuse("rollout_engine", "vllm", f"vLLM's CPU attention takes head dims of 32 and up, and {name} has "
                                              f"{head_dim} (d_model {shape.d_model} / {shape.n_heads} heads): give "
                                              f"--pretrain.model.n-heads {shape.d_model // 32} or fewer")
-    from toy_moe.tokenizer import load_tokenizer
     # the chat framing (bos, user, assistant) plus at most one token per byte of the longest prompt
-    prompt_tokens = len(load_tokenizer().encode_prompt("")) + len(config.build_task().longest_prompt().encode())
+    prompt_tokens = len(load_tokenizer().encode_prompt("")) + len(task.longest_prompt().encode())
     if prompt_tokens + config.max_new_tokens > shape.max_seq_len:
         refuse("max_new_tokens", config.max_new_tokens,
                f"{name} has {shape.max_seq_len} positions and the {config.task} task's prompts take up to "
@@ -495,9 +513,9 @@ def hf_config_is_moe(hf_config: dict, spec: str) -> bool:
     return False
 
 
-def check_model(spec: str) -> ToyMoEConfig | dict:
-    """--model toy:FILE must load as a toy_moe checkpoint; hf:DIR must be a folder with a config.json.
-    Returns the model's configuration: the toy's ToyMoEConfig, or config.json as a dict."""
+def check_model(spec: str) -> CheckedModel:
+    """--model toy:FILE must load as a toy_moe checkpoint (loaded here, once); hf:DIR must be a folder with a
+    config.json (read here; its weights load after every check)."""
     kind, _, path = spec.partition(":")
     if kind not in ("toy", "hf") or not path:
         refuse("model", spec, "expected toy:FILE (a toy_moe checkpoint), hf:DIR (a Hugging Face model folder) "
@@ -516,18 +534,18 @@ def check_model(spec: str) -> ToyMoEConfig | dict:
             refuse("model", spec, f"{path / 'config.json'} is not valid JSON ({type(error).__name__})")
         if not isinstance(hf_config, dict):
             refuse("model", spec, f"{path / 'config.json'} is not a mapping of settings")
-        return hf_config
+        return CheckedModel(hf_config, hf_dir=path)
     if not path.is_file():
         refuse("model", spec, f"{path} is a folder; toy: takes a model.pt file from toy_moe.pretrain")
     if path.stat().st_size == 0:
         refuse("model", spec, f"{path} is empty; toy: takes a model.pt file from toy_moe.pretrain")
     from toy_moe.checkpoint import load_toy_checkpoint
     try:
-        model, _ = load_toy_checkpoint(path)
+        model, tokenizer = load_toy_checkpoint(path)
     except Exception as error:  # any failure to unpickle or to fit the model means "not a toy checkpoint"
         refuse("model", spec, f"{path} is not a toy_moe checkpoint ({type(error).__name__}); toy: takes a "
                               "model.pt file from toy_moe.pretrain")
-    return model.config
+    return CheckedModel(model.config, toy=(model, tokenizer))
 
 
 # --- the command line ----------------------------------------------------------------------------------

@@ -100,13 +100,14 @@ def step_seed(seed: int, step: int) -> int:
 
 
 class RLModule(L.LightningModule):
-    def __init__(self, policy: Policy, config: RLConfig):
+    def __init__(self, policy: Policy, config: RLConfig, task: Task | None = None):
+        """`task`: the task `validate` built (train passes it); built from `config` when not given."""
         super().__init__()
         check_router_flags(config, policy.is_moe, "this model")  # a UsageError (a ValueError) on a dense model
         self.automatic_optimization = False
         self.policy, self.config = policy, config
         self.model = policy.model.train()  # checkpoints load in eval mode; generation toggles it per call
-        self.task = config.build_task()
+        self.task = task if task is not None else config.build_task()
         self.eval_problems = self.task.eval_set(config.eval_size)
         self.clip = {name: value for name, value in (("clip_low", config.clip_low),
                                                      ("clip_high", config.clip_high)) if value is not None}
@@ -121,7 +122,6 @@ class RLModule(L.LightningModule):
         # rollout) the first minibatch trains from the parameters π_old scores with, so its forward is π_old.
         self.first_minibatch_is_its_own_old = not config.routing_replay and config.old_logprobs == "trainer"
         self.engine = make_engine(policy, config.rollout_engine, config.rollout_precision, seed=config.seed)  # μ
-        self.on_policy_old: OldPolicy | None = None
         self.reference = None
         if config.kl_coef > 0:  # the KL anchor is the policy as it was when RL started
             self.reference = copy.deepcopy(policy)
@@ -168,9 +168,8 @@ class RLModule(L.LightningModule):
         updates = []
         for _ in range(cfg.ppo_epochs):
             for i, mb in enumerate(minibatches):
-                updates.append(self.update(mb, old[i]))
-                if old[i] is None:
-                    old[i], self.on_policy_old = self.on_policy_old, None
+                metrics, old[i] = self.update(mb, old[i])  # the on-policy minibatch's old policy comes back
+                updates.append(metrics)
         for name in updates[0]:
             row[name] = torch.stack([u[name] for u in updates]).mean()
         for name in old[0].rollout_mismatch:  # over the step's minibatches: the mean of means, the max of maxima
@@ -295,9 +294,9 @@ class RLModule(L.LightningModule):
                                                 scores.router_logits, mb.rollout.topk_idx)
         return OldPolicy(scores.logprobs.detach(), topk_idx, topk_logprobs, routing, ref_logprobs, mismatch)
 
-    def update(self, mb: Minibatch, old: OldPolicy | None) -> dict[str, Tensor]:
-        """One optimiser step on `mb`. `old` None: `mb` is on-policy and this forward is its old policy,
-        left in `self.on_policy_old` for the step's later epochs."""
+    def update(self, mb: Minibatch, old: OldPolicy | None) -> tuple[dict[str, Tensor], OldPolicy]:
+        """One optimiser step on `mb`; returns its metrics and the old policy it trained against. `old` None:
+        `mb` is on-policy and this forward is its old policy, returned for the step's later epochs."""
         cfg = self.config
         replay = old.routing if cfg.routing_replay else mb.rollout.routing  # R2, R3 (None unless recorded), or None
         scores = self.policy.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask, routing=replay,
@@ -308,7 +307,7 @@ class RLModule(L.LightningModule):
                 with torch.no_grad():
                     ref_logprobs = self.reference.score(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask,
                                                         temperature=cfg.temperature).logprobs
-            old = self.on_policy_old = self.as_old_policy(scores, ref_logprobs, mb)
+            old = self.as_old_policy(scores, ref_logprobs, mb)
         gamma, router_metrics = self.router_shift(scores, old, mb)
         mask, weight, correction_metrics = self.rollout_correction(old, mb)
         out = policy_loss(cfg.loss, logprobs=scores.logprobs, old_logprobs=old.logprobs,
@@ -337,7 +336,7 @@ class RLModule(L.LightningModule):
             "clip_frac": out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"],
             "entropy": (scores.entropy * weight).sum() / weight.sum().clamp(min=1),
             "grad_norm": grad_norm.detach().float(),
-            "lr": torch.tensor(optimizer.param_groups[0]["lr"])} | router_metrics | correction_metrics
+            "lr": torch.tensor(optimizer.param_groups[0]["lr"])} | router_metrics | correction_metrics, old
 
     @torch.no_grad()
     def rollout_correction(self, old: OldPolicy, mb: Minibatch) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:

@@ -43,13 +43,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from torch.utils.data import DataLoader, IterableDataset
 
-from minirspo.config import RLConfig, parse_config, validate
+from minirspo.config import CheckedRun, RLConfig, parse_config, validate
 from minirspo.distributed import build_strategy
 from minirspo.module import RLModule
-from minirspo.policy import load_policy
+from minirspo.policy import HFPolicy, Policy, ToyPolicy
 from minirspo.report import plot_curves, read_metrics, summary_table
 from minirspo.run_folder import check_run_folder, checkpoint_path, clear_run_folder
 from minirspo.warmstart import warm_start
+from toy_moe.checkpoint import load_toy_checkpoint
 from toy_moe.cli import MetricsCSV, StepProgressBar, UsageError, fail, quiet_console, run_main, write_config
 
 
@@ -120,9 +121,19 @@ class StopOnInterrupt(Callback):
         signal.signal(signal.SIGINT, self.previous)
 
 
+def open_policy(config: RLConfig, checked: CheckedRun) -> Policy:
+    """The policy to train: the toy --model that `validate` loaded, an HF --model (its weights load here, after
+    every check), or the toy warm-started for this config (trained first if it is not cached)."""
+    if checked.model is None:
+        return ToyPolicy(*load_toy_checkpoint(warm_start(config, checked.task)))
+    if checked.model.toy is not None:
+        return ToyPolicy(*checked.model.toy)
+    return HFPolicy.from_pretrained(checked.model.hf_dir, logprob_chunk_tokens=config.logprob_chunk_tokens)
+
+
 def run(config: RLConfig) -> Path:
     """Check `config` (UsageError on bad input), train with it, and return the path of metrics.csv."""
-    validate(config)
+    checked = validate(config)
     out, checkpoint = Path(config.out), checkpoint_path(config.out)
     console = Console(soft_wrap=True, quiet=rank_zero_only.rank != 0)  # one process speaks (torchrun, srun)
     # Process 0 owns the folder; the others (started by Lightning's launcher or torchrun) find it written.
@@ -133,8 +144,8 @@ def run(config: RLConfig) -> Path:
         # resume and overwrite are what this command did, not settings: --config FILE must not repeat them
         write_config(dataclasses.replace(config, resume=False, overwrite=False), out / "config.yaml",
                      rerun="python -m minirspo.train", rerun_flags=" --out NEW_FOLDER (or --resume to continue it)")
-    policy = load_policy(config.model or f"toy:{warm_start(config)}", logprob_chunk_tokens=config.logprob_chunk_tokens)
-    module = RLModule(policy, config)
+    policy = open_policy(config, checked)
+    module = RLModule(policy, config, checked.task)
     title = f"{config.loss}{' + RS' if config.router_shift and config.loss != 'rspo' else ''} on {config.task}"
     done = (torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["global_step"]
             // config.updates_per_step if config.resume else 0)

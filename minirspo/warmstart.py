@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from minirspo.config import RLConfig
+from minirspo.tasks import Task
 from toy_moe.cli import write_config
 from toy_moe.pretrain import PretrainConfig, pretrain
 
@@ -39,8 +40,9 @@ def warm_start_dir(config: RLConfig) -> Path:
     return Path(config.warmstart_dir) / f"{config.task}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
 
 
-def warm_start(config: RLConfig) -> Path:
-    """Path of the cached warm-start checkpoint for `config`, pretraining it first if it is missing."""
+def warm_start(config: RLConfig, task: Task | None = None) -> Path:
+    """Path of the cached warm-start checkpoint for `config`, pretraining it first if it is missing (on examples
+    of `task`, `config.build_task()` unless the caller has built it already)."""
     pretrain_config = dataclasses.replace(config.pretrain, seed=config.seed)
     out_dir = warm_start_dir(config)
     if (out_dir / "model.pt").is_file():
@@ -52,7 +54,7 @@ def warm_start(config: RLConfig) -> Path:
         settings_only = {"task": config.task, "task_options": config.task_options, "seed": config.seed,
                          "warmstart_dir": config.warmstart_dir, "pretrain": pretrain_config}
         write_config(settings_only, out_dir / "config.yaml", rerun="python -m minirspo.train")
-        problems = config.build_task().sample(WARM_START_EXAMPLES, seed=config.seed, split="train")
+        problems = (task or config.build_task()).sample(WARM_START_EXAMPLES, seed=config.seed, split="train")
         pretrain([(p.prompt, p.answer) for p in problems], pretrain_config, out_dir)
     return out_dir / "model.pt"
 

@@ -35,6 +35,19 @@ def tiny_args(checkpoint, out, *extra) -> list[str]:
             "--max-new-tokens", "6", "--lr", "3e-3", "--warmup-steps", "1", *extra]
 
 
+def test_a_run_loads_its_model_and_builds_its_task_once(tiny_checkpoint, tmp_path, monkeypatch):
+    # validate() checks --model by loading it and --task-options by building the task; the run must use what it
+    # derived (config.CheckedRun), not load or build them again
+    import minirspo.config
+    import toy_moe.checkpoint
+    loads, builds = [], []
+    real_load, real_make = toy_moe.checkpoint.load_toy_checkpoint, minirspo.config.make_task
+    monkeypatch.setattr(toy_moe.checkpoint, "load_toy_checkpoint", lambda path: loads.append(path) or real_load(path))
+    monkeypatch.setattr(minirspo.config, "make_task", lambda *a, **k: builds.append(a) or real_make(*a, **k))
+    main(tiny_args(tiny_checkpoint, tmp_path, "--max-steps", "1", "--task-options", "max_operand=50"))
+    assert len(loads) == 1 and builds == [("arithmetic",)]
+
+
 @pytest.mark.parametrize("extra", [["--loss", "grpo"], ["--loss", "gspo"], ["--loss", "gmpo"], ["--loss", "rspo"],
                                    ["--loss", "grpo", "--router-shift"], ["--loss", "gmpo", "--routing-replay"],
                                    ["--loss", "gmpo", "--freeze-router"], ["--loss", "rspo", "--kl-coef", "0.1"],
@@ -238,8 +251,9 @@ def test_first_minibatch_is_on_policy_and_later_ones_are_not(tiny_checkpoint, tm
     real_update = RLModule.update
 
     def recording_update(self, mb, old):
-        seen.append(real_update(self, mb, old))
-        return seen[-1]
+        metrics, derived = real_update(self, mb, old)
+        seen.append(metrics)
+        return metrics, derived
 
     monkeypatch.setattr(RLModule, "update", recording_update)
     # 16 sequences in 4 minibatches at a large learning rate, so the policy visibly moves between them; a
@@ -277,9 +291,9 @@ def record_updates(monkeypatch) -> list:
 
     def checking_update(self, mb, old):
         scored = self.score_old(mb) if old is None else None  # before this update moves the parameters
-        metrics = real_update(self, mb, old)
-        calls.append((old, scored, self.on_policy_old))
-        return metrics
+        metrics, derived = real_update(self, mb, old)
+        calls.append((old, scored, derived))
+        return metrics, derived
 
     monkeypatch.setattr(RLModule, "update", checking_update)
     return calls
