@@ -28,7 +28,6 @@ Examples:
     python -m minirspo.compare --variants rspo grpo --lrs 1e-4 2e-4 --seeds 0 1 2
     python -m minirspo.compare -- --task countdown      # arguments after -- go to every run
 """
-import argparse
 import itertools
 import json
 import os
@@ -37,19 +36,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import tyro  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
-from minirspo.config import parse_config, validate  # noqa: E402
+from minirspo.config import parse_config, refuse, validate  # noqa: E402
 from minirspo.report import read_metrics, write_grid_results  # noqa: E402
 from minirspo.run_folder import check_run_folder, checkpoint_path  # noqa: E402
 from minirspo.warmstart import warm_start, warm_start_dir  # noqa: E402
-from toy_moe.cli import UsageError, fail, quiet_console, run_main  # noqa: E402
+from toy_moe.cli import UsageError, fail, parse_flags, quiet_console, run_main  # noqa: E402
 
 # What each variant adds to `python -m minirspo.train`; the paper's Countdown study and its baselines.
 VARIANTS = {
@@ -194,91 +195,94 @@ def write_results(runs: list[Run], out: Path, gain: float, key_variants: tuple[s
     return write_grid_results(curves, out, gain, COLOURS, key_variants)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (`error: argument --lrs: ...`) and exit 2, as train's flags are."""
-
-    def error(self, message: str):
-        fail(f"{message} (python -m minirspo.compare --help lists the flags)")
+# --help's "(default: )" of an empty tuple, said in words
+PRESETS_OWN = tyro.conf.arg(help_behavior_hint="(default: the preset's)")
 
 
-def number(minimum: float, whole: bool, inclusive: bool = True):
-    """An argparse type: a whole number or a number, at least (or above) `minimum`; the message says which."""
-    accepted = f"{'a whole number' if whole else 'a number'} {'>=' if inclusive else '>'} {minimum:g}"
+@dataclass
+class GridFlags:
+    """compare's own flags; those after `--` go to every run unchanged."""
 
-    def parse(text: str):
-        try:
-            value = int(text) if whole else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"got {text!r}; expected {accepted}") from None
-        if not (value >= minimum if inclusive else value > minimum):
-            raise argparse.ArgumentTypeError(f"got {text!r}; expected {accepted}")
-        return value
-    return parse
+    preset: Literal[tuple(PRESETS)] = "cpu"
+    """grid and budget"""
+    variants: Annotated[tuple[Literal[tuple(VARIANTS)], ...], PRESETS_OWN] = ()
+    """override the preset's variants"""
+    lrs: Annotated[tuple[float, ...], PRESETS_OWN] = ()
+    """override the preset's learning rates, each > 0"""
+    seeds: Annotated[tuple[int, ...], PRESETS_OWN] = ()
+    """override the preset's seeds, each >= 0"""
+    jobs: int = os.cpu_count() or 1
+    """runs in parallel, >= 1; the number of CPU cores unless given"""
+    # a right answer is worth 1.0 and a well-formed wrong one 0.1: +0.1 mean reward is ~11 points of sampled accuracy
+    reward_gain: float = 0.1
+    """'steps to reward ≥ start + gain': the first step whose 5-step mean reward is this much (> 0) above the mean
+    of the run's first 5 steps"""
+    out: Path = Path("runs/compare")
+    """results folder"""
+    key: Annotated[tuple[Literal[tuple(VARIANTS)], ...], tyro.conf.arg(help_behavior_hint="(default: none)")] = ()
+    """also plot these variants' held-out accuracy alone, to accuracy_key.png (twelve variants in one panel are
+    hard to read)"""
+    report_only: bool = False
+    """train nothing: figures and table from the runs of the grid that already finished"""
+
+
+def check_flags(flags: GridFlags) -> None:
+    """The ranges that tyro's types do not say; a refusal names the flag as typed (--lrs, not each run's --lr)."""
+    for name, values, ok, accepted in (
+            ("lrs", flags.lrs, lambda lr: lr > 0, "expected numbers > 0"),
+            ("seeds", flags.seeds, lambda seed: seed >= 0, "expected whole numbers >= 0"),
+            # with no free slot the grid would wait forever
+            ("jobs", [flags.jobs], lambda jobs: jobs >= 1, "expected a whole number >= 1"),
+            ("reward_gain", [flags.reward_gain], lambda gain: gain > 0, "expected a number > 0")):
+        for value in values:
+            if not ok(value):  # `not`, so that nan is refused too
+                refuse(name, value, accepted)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ours, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = OneLineParser(prog="python -m minirspo.compare", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="grid and budget (default: cpu)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
-                        help=f"override the preset's variants: {', '.join(VARIANTS)}")
-    parser.add_argument("--lrs", nargs="+", type=number(0, whole=False, inclusive=False),
-                        help="override the preset's learning rates")
-    parser.add_argument("--seeds", nargs="+", type=number(0, whole=True), help="override the preset's seeds")
-    parser.add_argument("--jobs", type=number(1, whole=True), default=os.cpu_count(),
-                        help="runs in parallel (default: CPU cores)")
-    # a right answer is worth 1.0 and a well-formed wrong one 0.1: +0.1 mean reward is ~11 points of sampled accuracy
-    parser.add_argument("--reward-gain", type=number(0, whole=False, inclusive=False), default=0.1,
-                        help="'steps to reward ≥ start + gain': the first step whose 5-step mean reward is this much "
-                             "above the mean of the run's first 5 steps (default 0.1)")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="results folder (runs/compare)")
-    parser.add_argument("--key", nargs="+", choices=list(VARIANTS), default=(), metavar="VARIANT",
-                        help="also plot these variants' held-out accuracy alone, to accuracy_key.png (twelve "
-                             "variants in one panel are hard to read)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: figures and table from the runs of the grid that already finished")
-    args = parser.parse_args(ours)
-    preset = PRESETS[args.preset]
-    runs = [Run(v, lr, s) for v in args.variants or preset.variants for lr in args.lrs or preset.lrs
-            for s in args.seeds or preset.seeds]
-    args_of = {run.name: run_args(run, preset, train_args) for run in runs}
     try:
-        configs = check_grid(runs, args, args_of)
+        flags = parse_flags(GridFlags, ours, prog="python -m minirspo.compare", description=__doc__)
+        check_flags(flags)
+        preset = PRESETS[flags.preset]
+        runs = [Run(v, lr, s) for v in flags.variants or preset.variants for lr in flags.lrs or preset.lrs
+                for s in flags.seeds or preset.seeds]
+        args_of = {run.name: run_args(run, preset, train_args) for run in runs}
+        configs = check_grid(runs, flags, args_of)
     except UsageError as error:
         fail(error)
     quiet_console(configs[0].verbose)
     started, launched = time.perf_counter(), []
-    if args.report_only:
-        runs = [run for run in runs if (args.out / "runs" / run.name / "done.json").is_file()]
+    if flags.report_only:
+        runs = [run for run in runs if (flags.out / "runs" / run.name / "done.json").is_file()]
         if not runs:
-            fail(f"--report-only: no finished run of this grid in {args.out / 'runs'}")
+            fail(f"--report-only: no finished run of this grid in {flags.out / 'runs'}")
     else:
         # one warm start per seed and model (the dense control has its own), before the runs race to train it
         for config in {warm_start_dir(config): config for config in configs if not config.model}.values():
             warm_start(config)
-        launched = run_grid(runs, args.out, args_of, args.jobs)
-    table = write_results(runs, args.out, args.reward_gain, tuple(args.key))
+        launched = run_grid(runs, flags.out, args_of, flags.jobs)
+    table = write_results(runs, flags.out, flags.reward_gain, flags.key)
     Console().print(table)
     Console().print(f"{len(launched)} runs trained in {time.perf_counter() - started:.0f} s; "
-                    f"{len(runs) - len(launched)} were already done. Results in {args.out}")
+                    f"{len(runs) - len(launched)} were already done. Results in {flags.out}")
 
 
-def check_grid(runs: list[Run], args: argparse.Namespace, args_of: dict[str, list[str]]) -> list:
+def check_grid(runs: list[Run], flags: GridFlags, args_of: dict[str, list[str]]) -> list:
     """Every run's configuration, checked before any warm start or run: its flags and model, and that its
     folder holds nothing it would mix with (a run that resumes must have been started with the same flags)."""
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out: got '{args.out}', which is a file; expected a folder")
-    missing = [variant for variant in args.key if variant not in {run.variant for run in runs}]
+    if flags.out.exists() and not flags.out.is_dir():
+        raise UsageError(f"--out: got '{flags.out}', which is a file; expected a folder")
+    missing = [variant for variant in flags.key if variant not in {run.variant for run in runs}]
     if missing:
         raise UsageError(f"--key: {', '.join(missing)} is not a variant of this grid "
                          f"({', '.join(dict.fromkeys(run.variant for run in runs))})")
     configs = []
     for run in runs:
-        run_dir = args.out / "runs" / run.name
+        run_dir = flags.out / "runs" / run.name
         config = parse_config(train_flags(args_of[run.name], run_dir), prog="python -m minirspo.compare --")
-        if not args.report_only and not (run_dir / "done.json").is_file():
+        if not flags.report_only and not (run_dir / "done.json").is_file():
             validate(config)
             check_run_folder(config)
         configs.append(config)

@@ -87,12 +87,16 @@ def test_key_plots_only_the_named_variants(grid, monkeypatch):
 
 BAD_INPUT = [
     (["--", "--n-prompts", "0"], "--n-prompts"),   # a run's own flag
-    (["--jobs", "0"], "argument --jobs: got '0'; expected a whole number >= 1"),  # would wait for a free slot forever
-    (["--lrs", "-1"], "argument --lrs: got '-1'"),  # the flag typed, not the --lr each run gets
-    (["--lrs", "fast"], "argument --lrs: got 'fast'"),
-    (["--seeds", "-1"], "argument --seeds"),
-    (["--reward-gain", "0"], "argument --reward-gain"),
-    (["--variants", "ppo"], "argument --variants: invalid choice"),
+    (["--jobs", "0"], "--jobs: got 0; expected a whole number >= 1"),  # would wait for a free slot forever
+    (["--lrs", "-1"], "--lrs: got -1.0; expected numbers > 0"),  # the flag typed, not the --lr each run gets
+    (["--lrs", "1e-4", "0"], "--lrs: got 0.0; expected numbers > 0"),  # every value is checked, not the first
+    (["--lrs", "fast"], "--lrs: Could not find valid parse for arguments: ['fast']"),
+    (["--lr", "1e-4"], "Unrecognized options: --lr, 1e-4 (did you mean --lrs?)"),
+    (["--seeds", "-1"], "--seeds: got -1; expected whole numbers >= 0"),
+    (["--seeds", "1.5"], "--seeds: Could not find valid parse for arguments: ['1.5']"),
+    (["--reward-gain", "0"], "--reward-gain: got 0.0; expected a number > 0"),
+    (["--reward-gain", "nan"], "--reward-gain: got nan; expected a number > 0"),
+    (["--variants", "ppo"], "invalid choice 'ppo' for argument '--variants'"),
     (["--key", "dense"], "--key: dense is not a variant of this grid (grpo, rspo)"),
 ]
 
