@@ -28,12 +28,15 @@ GRID = Path("docs/results/moe_stress/x100")
 NAMES = {"grpo": "GRPO", "grpo+replay": "GRPO + routing replay", "grpo+freeze": "GRPO + frozen router",
          "dense": "dense", "gmpo": "GMPO", "rspo": "RSPO (γ_min 0.8)", "rspo_gmin0.6": "RSPO, γ_min 0.6",
          "rspo_gmin0.9": "RSPO, γ_min 0.9", "rspo_gminauto": "RSPO, γ_min auto", "grpo+rs": "GRPO + RS",
-         "gspo": "GSPO", "gspo+rs": "GSPO + RS"}
+         "gspo": "GSPO", "gspo+rs": "GSPO + RS", "gmpo_shifted": "GMPO, shifted clip",
+         "grpo+aux": "GRPO + load-balance loss"}
 # (first, second): the comparisons the page reads; RS_FAMILY are those that add RS to a base loss, the
 # family Holm's correction runs over (read together, they are one question: does RS help?).
+# RSPO − shifted-clip GMPO asks whether RS's gain is more than the clip window its floor moves (RS with γ ≡ 0.8).
 RS_FAMILY = (("rspo", "gmpo"), ("rspo_gminauto", "gmpo"), ("gspo+rs", "gspo"),
-             ("rspo_gmin0.6", "gmpo"), ("rspo_gmin0.9", "gmpo"), ("grpo+rs", "grpo"))
-OTHERS = (("grpo+freeze", "grpo"), ("grpo+replay", "grpo"), ("gmpo", "grpo"), ("gspo", "grpo"))
+             ("rspo_gmin0.6", "gmpo"), ("rspo_gmin0.9", "gmpo"), ("grpo+rs", "grpo"), ("rspo", "gmpo_shifted"))
+OTHERS = (("grpo+freeze", "grpo"), ("grpo+replay", "grpo"), ("gmpo", "grpo"), ("gspo", "grpo"),
+          ("gmpo_shifted", "gmpo"), ("grpo+aux", "grpo"))
 LOAD_COLLAPSED = 3.0  # load-balance loss: 1 at a balanced load; the frozen router's stays at 1.1–1.4
 
 
@@ -101,16 +104,22 @@ def comparison(runs: dict, first: str, second: str, key: str) -> tuple[list[int]
     return seeds, [outcome(runs[first][s])[key] for s in seeds], [outcome(runs[second][s])[key] for s in seeds]
 
 
+def present(pairs: tuple[tuple[str, str], ...], runs: dict) -> tuple[tuple[str, str], ...]:
+    """The comparisons whose two arms both have runs (a grid being extended has some arms only)."""
+    return tuple(pair for pair in pairs if pair[0] in runs and pair[1] in runs)
+
+
 def statistics_table(runs: dict[str, dict[int, dict]]) -> str:
     """Paired statistics of the final accuracy on 1000 problems (and of the mean over the run), with Holm's
     correction over the RS family, of the paired-t p and of the sign-test p."""
-    results = {pair: paired(*comparison(runs, *pair, "final_1000")[1:]) for pair in RS_FAMILY + OTHERS}
-    holm_t = dict(zip(RS_FAMILY, holm([results[pair].p_t for pair in RS_FAMILY])))
-    holm_sign = dict(zip(RS_FAMILY, holm([results[pair].p_sign for pair in RS_FAMILY])))
+    family, others = present(RS_FAMILY, runs), present(OTHERS, runs)
+    results = {pair: paired(*comparison(runs, *pair, "final_1000")[1:]) for pair in family + others}
+    holm_t = dict(zip(family, holm([results[pair].p_t for pair in family])))
+    holm_sign = dict(zip(family, holm([results[pair].p_sign for pair in family])))
     lines = ["| comparison | seeds | final (1000), paired mean ± std | paired t (p) | higher / lower / level, sign-test p "
              "| Holm p over the RS family: t / sign | seeds for 80% power | mean held-out over the run, paired |",
              "|---|---|---|---|---|---|---|---|"]
-    for pair in RS_FAMILY + OTHERS:
+    for pair in family + others:
         r = results[pair]
         over_run = paired(*comparison(runs, *pair, "mean_heldout")[1:])
         adjusted = f"{holm_t[pair]:.2f} / {holm_sign[pair]:.2f}" if pair in holm_t else "(not RS)"
@@ -119,11 +128,11 @@ def statistics_table(runs: dict[str, dict[int, dict]]) -> str:
         lines.append(f"| {NAMES[pair[0]]} − {NAMES[pair[1]]} | {r.n} | {r.mean:+.3f} ± {r.std:.3f} | {r.t:.2f} ({p_t})"
                      f" | {r.wins} / {r.losses} / {r.ties}, {r.p_sign:.3f} | {adjusted} | {needed} "
                      f"| {over_run.mean:+.3f} ± {over_run.std:.3f} |")
-    six = [pair for pair in RS_FAMILY if results[pair].n == 6]
+    six = [pair for pair in family if results[pair].n == 6]
     lines.append(f"\nHolm over the 6-seed RS comparisons alone ({', '.join(a for a, _ in six)}): t "
                  + ", ".join(f"{p:.3f}" for p in holm([results[pair].p_t for pair in six])) + "; sign "
                  + ", ".join(f"{p:.3f}" for p in holm([results[pair].p_sign for pair in six])))
-    for pair in RS_FAMILY[:2]:
+    for pair in family[:2]:
         _, a, b = comparison(runs, *pair, "final_1000")
         diffs = [x - y for x, y in zip(a, b)]
         largest = max(range(len(diffs)), key=lambda i: diffs[i])
@@ -153,7 +162,7 @@ def diagnostics(runs: dict[str, dict[int, dict]]) -> str:
                  f"{statistics.fmean(window(r, 'approx_kl', 0, 4) for r in runs['dense'].values()):.3f}")
     lower = total = 0
     parts = []
-    for first, second in RS_FAMILY:
+    for first, second in present(RS_FAMILY, runs):
         seeds = sorted(set(runs[first]) & set(runs[second]))
         diffs = [window(runs[first][s], "entropy", 0, 59) - window(runs[second][s], "entropy", 0, 59) for s in seeds]
         lower, total = lower + sum(d < 0 for d in diffs), total + len(diffs)

@@ -67,6 +67,10 @@ VARIANTS = {
     "rspo_gminauto": ["--loss", "rspo", "--gamma-min", "auto"],
     # the control with no router: every MoE layer replaced by a dense SwiGLU of the same active width (F·K)
     "dense": ["--loss", "grpo", "--pretrain.model.moe-layers"],
+    # GMPO's clip window moved as RS's floor moves it: RS with γ ≡ 0.8 up to a constant factor on the objective
+    "gmpo_shifted": ["--loss", "gmpo", "--clip-low", "0.177", "--clip-high", "0.623"],
+    # the Switch load-balance loss on during RL, at the toy's pretraining α (toy_moe.model: 0.01)
+    "grpo+aux": ["--loss", "grpo", "--aux-loss-coef", "0.01"],
     # The engine-mismatch arms (docs/results/engine_mismatch.md): rollouts from an fp8 engine copy, each with a role
     "grpo_r32": ["--loss", "grpo", "--rollout-precision", "32"],                   # no mismatch at all
     "grpo_fp8": ["--loss", "grpo", "--rollout-precision", "fp8"],                  # the base
@@ -80,6 +84,7 @@ VARIANTS = {
     "rspo_fp8_r3": ["--loss", "rspo", "--rollout-precision", "fp8", "--rollout-routing-replay"],
     "dense_fp8": ["--loss", "grpo", "--rollout-precision", "fp8", "--pretrain.model.moe-layers"],  # mismatch, no routing
 }
+PAPER_VARIANTS = tuple(VARIANTS)[:tuple(VARIANTS).index("grpo+aux") + 1]  # the paper's study and its controls
 ROUTER_FREE = {"dense", "dense_fp8"}  # variants that get none of a preset's router_args
 COLOURS = dict(zip(VARIANTS, itertools.cycle(plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])))  # 20, reused
 
@@ -99,7 +104,7 @@ PRESETS = {
     "cpu": Preset(("grpo", "gspo", "gmpo", "rspo", "grpo+rs", "grpo+replay", "grpo+freeze", "rspo_gminauto"),
                   (1e-4,), (0, 1, 2),
                   ("--max-steps", "300", "--eval-every", "25", "--eval-size", "200", "--checkpoint-every", "50")),
-    "gpu": Preset(tuple(VARIANTS), (1e-4, 3e-4, 1e-3), (0, 1, 2),
+    "gpu": Preset(PAPER_VARIANTS, (1e-4, 3e-4, 1e-3), (0, 1, 2),
                   ("--max-steps", "150", "--eval-every", "10", "--eval-size", "500", "--accelerator", "gpu",
                    "--n-prompts", "64")),
     # The router-stress regime of docs/results/moe_stress.md: fine-grained experts (E 32, K 4, F 128: the active
@@ -107,8 +112,9 @@ PRESETS = {
     # of 32, 2 epochs), every weight at the default run's lr 1e-4 and the routers alone at 100× (1e-2), so only
     # the router is pushed: the frozen router and the dense model learn here; GRPO crashes. (Until 2026-12-01
     # the preset ran every weight at 2e-4 with routers at 30×, where the dense model dipped too: same page.)
-    # Four heads, as when its results were made (the default warm start has eight since).
-    "moe-stress": Preset(tuple(VARIANTS), (1e-4,), (0, 1, 2),
+    # Four heads, as when its results were made (the default warm start has eight since). Some variants have
+    # seeds 3-5 too (`--seeds 3 4 5 --variants ...`, the commands in that page).
+    "moe-stress": Preset(PAPER_VARIANTS, (1e-4,), (0, 1, 2),
                          ("--pretrain.model.n-heads", "4", "--pretrain.model.n-experts", "32",
                           "--pretrain.model.top-k", "4", "--pretrain.model.expert-hidden", "128",
                           "--pretrain.stop-at-accuracy", "0.3",
@@ -226,8 +232,11 @@ class GridFlags:
     """train nothing: figures and table from the runs of the grid that already finished"""
 
 
-def check_flags(flags: GridFlags) -> None:
+def check_flags(flags: GridFlags, argv: list[str]) -> None:
     """The ranges that tyro's types do not say; a refusal names the flag as typed (--lrs, not each run's --lr)."""
+    for name in ("variants", "lrs", "seeds", "key"):  # given with no value, a list flag would mean the preset's
+        if f"--{name}" in argv and not getattr(flags, name):
+            raise UsageError(f"--{name}: got no value; give one or more, or leave --{name} out for the preset's")
     for name, values, ok, accepted in (
             ("lrs", flags.lrs, lambda lr: lr > 0, "expected numbers > 0"),
             ("seeds", flags.seeds, lambda seed: seed >= 0, "expected whole numbers >= 0"),
@@ -244,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     ours, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     try:
         flags = parse_flags(GridFlags, ours, prog="python -m minirspo.compare", description=__doc__)
-        check_flags(flags)
+        check_flags(flags, ours)
         preset = PRESETS[flags.preset]
         runs = [Run(v, lr, s) for v in flags.variants or preset.variants for lr in flags.lrs or preset.lrs
                 for s in flags.seeds or preset.seeds]

@@ -53,9 +53,9 @@ def warm_start(config: RLConfig, task: Task | None = None) -> Path:
                                       f"{until(pretrain_config)} -> {out_dir}")
         settings_only = {"task": config.task, "task_options": config.task_options, "seed": config.seed,
                          "warmstart_dir": config.warmstart_dir, "pretrain": pretrain_config}
-        write_config(settings_only, out_dir / "config.yaml", rerun="python -m minirspo.train")
         problems = (task or config.build_task()).sample(WARM_START_EXAMPLES, seed=config.seed, split="train")
-        pretrain([(p.prompt, p.answer) for p in problems], pretrain_config, out_dir)
+        pretrain([(p.prompt, p.answer) for p in problems], pretrain_config, out_dir,
+                 record=lambda: write_config(settings_only, out_dir / "config.yaml", rerun="python -m minirspo.train"))
     return out_dir / "model.pt"
 
 

@@ -98,6 +98,8 @@ BAD_INPUT = [
     (["--reward-gain", "nan"], "--reward-gain: got nan; expected a number > 0"),
     (["--variants", "ppo"], "invalid choice 'ppo' for argument '--variants'"),
     (["--key", "dense"], "--key: dense is not a variant of this grid (grpo, rspo)"),
+    (["--lrs"], "--lrs: got no value"),  # not silently the preset's
+    (["--seeds", "--jobs", "1"], "--seeds: got no value"),
 ]
 
 

@@ -122,6 +122,22 @@ def test_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys, argv, flag):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, flag", [(["--tokenizer", "missing.tiktoken"], "--tokenizer"),
+                                        (["--batch-size", "64"], "--batch-size"),
+                                        (["--model.max-seq-len", "8"], "--model.max-seq-len")],
+                         ids=lambda value: " ".join(value) if isinstance(value, list) else value)
+def test_what_the_examples_refuse_names_the_flag_and_writes_nothing(tmp_path, capsys, argv, flag):
+    # 40 examples, 8 prompts held out: fewer left than a batch of 64; each example takes more than 8 tokens
+    data = tmp_path / "pairs.tsv"
+    data.write_text("".join(f"{p}\t{a}\n" for p, a in EXAMPLES[:40]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(data), "--out-dir", str(tmp_path / "out"), "--eval-examples", "8", "--batch-size", "16",
+              *argv])
+    errors = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(errors) == 1 and errors[0].startswith(f"error: {flag}:"), errors
+    assert not (tmp_path / "out").exists()  # refused before config.yaml is written
+
+
 def test_the_run_writes_its_config_and_config_reruns_it(tmp_path, capsys):
     data = tmp_path / "pairs.tsv"
     data.write_text("".join(f"{prompt}\t{answer}\n" for prompt, answer in EXAMPLES))

@@ -40,7 +40,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Literal, NamedTuple, Sequence
 
 import lightning as L
 import torch
@@ -267,11 +267,14 @@ def progress_metrics(trainer: L.Trainer) -> dict[str, str]:
 
 
 def pretrain(
-    examples: Iterable[tuple[str, str]], config: PretrainConfig, out_dir: Path | str, *, resume: bool = False
+    examples: Iterable[tuple[str, str]], config: PretrainConfig, out_dir: Path | str, *, resume: bool = False,
+    record: Callable[[], Any] | None = None,
 ) -> Path:
     """Train on (prompt, answer) pairs and write `out_dir/model.pt`; return its path. The first
     `config.eval_examples` distinct prompts are held out (every example with such a prompt is left out of
-    training). `resume=True` continues from `out_dir/checkpoints/last.ckpt` up to `config.max_steps`."""
+    training). `resume=True` continues from `out_dir/checkpoints/last.ckpt` up to `config.max_steps`.
+    `record` runs once the examples passed their checks, before training: where a caller writes its
+    config.yaml, so that refused input leaves no file behind."""
     out_dir = Path(out_dir)
     checkpoint = out_dir / "checkpoints" / "last.ckpt"
     if resume and not checkpoint.is_file():
@@ -284,12 +287,16 @@ def pretrain(
     train, held_out = split_held_out(encoded, config.eval_examples)
     if len(train) < config.batch_size:
         raise ValueError(
-            f"examples: {len(train)} training examples remain after holding out {len(held_out)} prompts, fewer "
-            f"than batch_size={config.batch_size}; give more examples or lower eval_examples"
+            f"--batch-size: got {config.batch_size}, but only {len(train)} training examples remain after holding "
+            f"out the examples of {len(held_out)} prompts (--eval-examples {config.eval_examples}); give more "
+            "examples, or lower --batch-size or --eval-examples"
         )
     longest = max(len(example.prompt_ids) + len(example.answer_ids) for example in encoded)
     if longest > config.model.max_seq_len:
-        raise ValueError(f"examples: the longest has {longest} tokens, model.max_seq_len={config.model.max_seq_len}")
+        raise ValueError(f"--model.max-seq-len: got {config.model.max_seq_len}, but the longest example takes "
+                         f"{longest} tokens; give at least {longest}")
+    if record is not None:
+        record()
 
     batches = partial(collate, pad_id=tokenizer.pad_id)
     train_loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, drop_last=True, collate_fn=batches)
@@ -328,13 +335,13 @@ def pretrain(
         if trainer.global_step % config.eval_every:
             trainer.validate(module, eval_loader, verbose=False)
     trainer.save_checkpoint(checkpoint, weights_only=False)
-    model_path = save_toy_checkpoint(module.model, config.tokenizer, out_dir / "model.pt")
-    accuracy = float(trainer.callback_metrics["val/accuracy"])
-    print(
-        f"pretrain: step {trainer.global_step}, fit {fit_seconds:.1f} s, "
-        f"{module.train_tokens / max(module.train_seconds, 1e-9):.0f} tokens/s in training steps, "
-        f"greedy accuracy {accuracy:.1%} on {len(held_out)} held-out prompts -> {model_path}"
-    )
+    model_path = out_dir / "model.pt"
+    if trainer.is_global_zero:  # one file and one line per run, not one per process
+        save_toy_checkpoint(module.model, config.tokenizer, model_path)
+        accuracy = float(trainer.callback_metrics["val/accuracy"])
+        print(f"pretrain: step {trainer.global_step}, fit {fit_seconds:.1f} s, "
+              f"{module.train_tokens / max(module.train_seconds, 1e-9):.0f} tokens/s in training steps, "
+              f"greedy accuracy {accuracy:.1%} on {len(held_out)} held-out prompts -> {model_path}")
     return model_path
 
 
@@ -369,13 +376,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if flags.resume and not (flags.out_dir / "checkpoints" / "last.ckpt").is_file():
             raise UsageError(f"--resume: no checkpoint at {flags.out_dir / 'checkpoints' / 'last.ckpt'} to "
                              "continue from (start without --resume)")
+        if flags.tokenizer is not None and not Path(flags.tokenizer).is_file():
+            raise UsageError(f"--tokenizer: {flags.tokenizer} not found; expected a BPE ranks file "
+                             "(python -m toy_moe.tokenizer writes one), or None for the shipped one")
         examples = read_examples(flags.data)
         if not examples:
             raise UsageError(f"--data: {flags.data} holds no examples; expected 'prompt<TAB>answer' lines")
-        config = flags.pretrain_config()
-        write_config(dataclasses.replace(flags, config=None), flags.out_dir / "config.yaml",
-                     rerun="python -m toy_moe.pretrain")
-        return pretrain(examples, config, flags.out_dir, resume=flags.resume)
+        record = partial(write_config, dataclasses.replace(flags, config=None), flags.out_dir / "config.yaml",
+                         rerun="python -m toy_moe.pretrain")
+        return pretrain(examples, flags.pretrain_config(), flags.out_dir, resume=flags.resume, record=record)
     except (UsageError, FileNotFoundError, ValueError) as error:
         fail(name_flags(str(error)))
 
