@@ -284,7 +284,8 @@ def router_statistics(router_logits: Tensor, topk_idx: Tensor, valid: Tensor) ->
     weight = valid.to(router_logits.dtype)  # (B, T)
     n_real = weight.sum().clamp_min(1.0)
     pair_weight = repeat(weight, "b t -> l (b t k)", l=n_layers, k=top_k)  # (L, M)
-    expert_counts = torch.zeros(n_layers, n_experts, device=weight.device).scatter_add_(
+    # new_zeros, not torch.zeros: under Lightning's *-true precisions the default dtype is not float32
+    expert_counts = pair_weight.new_zeros(n_layers, n_experts).scatter_add_(
         1, rearrange(topk_idx, "l b t k -> l (b t k)"), pair_weight
     )  # (L, E)
     mean_prob = einsum(router_logits.softmax(dim=-1), weight, "l b t e, b t -> l e") / n_real  # (L, E)
