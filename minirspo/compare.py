@@ -3,7 +3,8 @@
 A grid of RL runs — losses × learning rates × seeds, with RS as a plug-in on GRPO and GSPO, routing
 replay and router freezing as the stabilisers RSPO is weighed against, and RSPO at several γ_min
 (including the adaptive `auto`) — every run with the same budget (`--max-steps` RL steps from the same
-warm start). Runs go out as `python -m minirspo.train` subprocesses, `--jobs` at a time with one torch
+warm start). The warm starts come first (one per seed and model), those not cached trained `--jobs` at a
+time; then the runs go out as `python -m minirspo.train` subprocesses, `--jobs` at a time with one torch
 thread each. A run that finished is skipped when the grid is started again; one that was interrupted
 resumes from its last checkpoint (refused, before anything starts, if the grid's flags for it changed), and
 one interrupted before its first checkpoint starts over (--overwrite).
@@ -28,12 +29,15 @@ Examples:
     python -m minirspo.compare --variants rspo grpo --lrs 1e-4 2e-4 --seeds 0 1 2
     python -m minirspo.compare -- --task countdown      # arguments after -- go to every run
 """
+import contextlib
 import itertools
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -42,11 +46,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 import tyro  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
-from minirspo.config import parse_config, refuse, validate  # noqa: E402
+from minirspo.config import RLConfig, parse_config, refuse, validate  # noqa: E402
 from minirspo.report import read_metrics, write_grid_results  # noqa: E402
 from minirspo.run_folder import check_run_folder, checkpoint_path  # noqa: E402
 from minirspo.warmstart import warm_start, warm_start_dir  # noqa: E402
@@ -193,6 +198,34 @@ def run_grid(runs: list[Run], out: Path, args_of: dict[str, list[str]], jobs: in
     return pending
 
 
+def warm_starts(configs: list[RLConfig], jobs: int) -> None:
+    """Every warm start the grid needs (one per seed and model; the dense control has its own), made before
+    the runs race to train it. Those not cached train `jobs` at a time, each in a process of one torch thread
+    (as the runs get) that shows no bar of its own (several live bars would garble one another); a line
+    says when each is ready. One at a time, a warm start trains here and shows its bar."""
+    needed = {warm_start_dir(config): config for config in configs if not config.model}
+    missing = [config for folder, config in needed.items() if not (folder / "model.pt").is_file()]
+    if jobs == 1 or len(missing) < 2:
+        for config in needed.values():
+            warm_start(config)
+        return
+    console = Console(soft_wrap=True)
+    console.print(f"[bold]warm starts:[/] {len(missing)} to train, {min(jobs, len(missing))} at a time "
+                  f"({len(needed) - len(missing)} trained earlier)")
+    with ProcessPoolExecutor(min(jobs, len(missing)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(warm_start_alone, config) for config in missing]
+        for done, future in enumerate(as_completed(futures), 1):
+            console.print(f"warm start {done}/{len(missing)} ready: {future.result()}")
+
+
+def warm_start_alone(config: RLConfig) -> Path:
+    """`warm_start` in a worker process: one torch thread, Lightning quiet, its bar and result line dropped."""
+    torch.set_num_threads(1)
+    quiet_console(verbose=False)
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        return warm_start(config)
+
+
 def write_results(runs: list[Run], out: Path, gain: float, key_variants: tuple[str, ...] = ()) -> str:
     """results.md and the figures (minirspo.report.write_grid_results) of the runs' metrics.csv files."""
     curves: dict[tuple[str, float], list[dict[str, list[float]]]] = {}
@@ -268,9 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         if not runs:
             fail(f"--report-only: no finished run of this grid in {flags.out / 'runs'}")
     else:
-        # one warm start per seed and model (the dense control has its own), before the runs race to train it
-        for config in {warm_start_dir(config): config for config in configs if not config.model}.values():
-            warm_start(config)
+        warm_starts(configs, flags.jobs)
         launched = run_grid(runs, flags.out, args_of, flags.jobs)
     table = write_results(runs, flags.out, flags.reward_gain, flags.key)
     Console().print(table)

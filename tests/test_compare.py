@@ -1,5 +1,6 @@
 """The comparison grid on a two-run tiny grid: it trains, writes figures and a table that agrees with the
 runs' own CSVs, and a second invocation skips finished runs."""
+import dataclasses
 import math
 import re
 
@@ -10,6 +11,7 @@ from minirspo.compare import PRESETS, ROUTER_FREE, Preset, Run, main, run_args, 
 from minirspo.config import parse_config, validate
 from minirspo.report import crash_step, crash_window, read_metrics, run_summary, smoothed
 from toy_moe.model import ToyMoE, ToyMoEConfig
+from minirspo.warmstart import warm_start, warm_start_dir
 from toy_moe.checkpoint import save_toy_checkpoint
 
 TINY = ToyMoEConfig(d_model=32, n_layers=2, n_heads=2, n_experts=4, top_k=2, expert_hidden=32, max_seq_len=64)
@@ -111,6 +113,29 @@ def test_bad_input_is_one_line_before_any_run(tmp_path, capsys, flags, message):
     errors = captured.err.splitlines()
     assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], errors
     assert captured.out == "" and not (tmp_path / "out").exists()
+
+
+def test_warm_starts_train_in_parallel_as_they_would_one_at_a_time(tmp_path, capsys):
+    # two seeds' warm starts in two worker processes of one thread each; the same warm start trained here with
+    # one thread is the same computation, so the checkpoints must agree bit for bit
+    from minirspo.compare import warm_starts
+    from minirspo.config import RLConfig
+    from toy_moe.pretrain import PretrainConfig
+    pretrain = PretrainConfig(model=TINY, max_steps=4, eval_every=4, eval_examples=16, batch_size=16, progress_bar=False)
+    configs = [RLConfig(seed=seed, warmstart_dir=str(tmp_path / "pool"), pretrain=pretrain) for seed in (0, 1)]
+    warm_starts(configs, jobs=2)
+    assert capsys.readouterr().out.count("ready:") == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = warm_start(dataclasses.replace(configs[1], warmstart_dir=str(tmp_path / "alone")))
+    finally:
+        torch.set_num_threads(threads)
+    pooled = torch.load(warm_start_dir(configs[1]) / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(pooled[name], value) for name, value in
+               torch.load(alone, weights_only=False)["state_dict"].items())
+    assert not torch.equal(pooled["embed.weight"], torch.load(warm_start_dir(configs[0]) / "model.pt",
+                                                             weights_only=False)["state_dict"]["embed.weight"])
 
 
 def test_a_run_resumes_from_its_checkpoint_or_starts_over(tmp_path):
