@@ -288,8 +288,9 @@ def main(argv: list[str] | None = None) -> None:
         flags = parse_flags(GridFlags, ours, prog="python -m minirspo.compare", description=__doc__)
         check_flags(flags, ours)
         preset = PRESETS[flags.preset]
-        runs = [Run(v, lr, s) for v in flags.variants or preset.variants for lr in flags.lrs or preset.lrs
-                for s in flags.seeds or preset.seeds]
+        # seed by seed: a grid stopped part-way leaves whole seeds, every arm of each, to compare paired
+        runs = [Run(v, lr, s) for s in flags.seeds or preset.seeds for lr in flags.lrs or preset.lrs
+                for v in flags.variants or preset.variants]
         args_of = {run.name: run_args(run, preset, train_args) for run in runs}
         configs = check_grid(runs, flags, args_of)
     except UsageError as error:

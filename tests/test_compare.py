@@ -138,6 +138,16 @@ def test_warm_starts_train_in_parallel_as_they_would_one_at_a_time(tmp_path, cap
                                                              weights_only=False)["state_dict"]["embed.weight"])
 
 
+def test_the_grid_runs_seed_by_seed(grid, tmp_path, monkeypatch):
+    # every arm of seed 0 before any of seed 1: a grid stopped part-way leaves whole seeds to pair
+    _, argv = grid
+    launched = []
+    monkeypatch.setattr("minirspo.compare.run_grid", lambda runs, *rest: launched.extend(runs) or [])
+    monkeypatch.setattr("minirspo.compare.write_results", lambda *args, **kwargs: "")
+    main(["--out", str(tmp_path / "out"), "--seeds", "0", "1", *argv[argv.index("--variants"):]])
+    assert [(run.seed, run.variant) for run in launched] == [(0, "grpo"), (0, "rspo"), (1, "grpo"), (1, "rspo")]
+
+
 def test_a_run_resumes_from_its_checkpoint_or_starts_over(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
