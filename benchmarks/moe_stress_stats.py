@@ -144,8 +144,10 @@ def statistics_table(runs: dict[str, dict[int, dict]]) -> str:
 
 
 def moving(runs: dict[str, dict[int, dict]]) -> list[dict]:
-    """Every MoE run whose router learns (all but the frozen router and the dense model)."""
-    return [run for variant, seeds in runs.items() if variant not in ("grpo+freeze", "dense") for run in seeds.values()]
+    """Every MoE run whose router learns from the reward alone: all but the frozen router, the dense model and
+    the arm whose load-balance loss trains the router too (its own line in `load_collapse`)."""
+    return [run for variant, seeds in runs.items() if variant not in ("grpo+freeze", "dense", "grpo+aux")
+            for run in seeds.values()]
 
 
 def diagnostics(runs: dict[str, dict[int, dict]]) -> str:
@@ -166,7 +168,8 @@ def diagnostics(runs: dict[str, dict[int, dict]]) -> str:
         seeds = sorted(set(runs[first]) & set(runs[second]))
         diffs = [window(runs[first][s], "entropy", 0, 59) - window(runs[second][s], "entropy", 0, 59) for s in seeds]
         lower, total = lower + sum(d < 0 for d in diffs), total + len(diffs)
-        parts.append(f"{NAMES[first]} {sum(d < 0 for d in diffs)}/{len(diffs)} (mean {statistics.fmean(diffs):+.3f})")
+        parts.append(f"{NAMES[first]} − {NAMES[second]} {sum(d < 0 for d in diffs)}/{len(diffs)} "
+                     f"(mean {statistics.fmean(diffs):+.3f})")
     lines.append(f"- entropy, mean over RL steps 0–59, lower with RS than without in {lower} of {total} seed pairings: "
                  + "; ".join(parts))
     for first, last in ((0, 4), (0, 9)):
@@ -191,6 +194,15 @@ def load_collapse(runs: dict[str, dict[int, dict]]) -> str:
     crash_steps = [crash_step(run) for run in moving(runs) if crash_step(run) is not None]
     frozen = [window(run, "aux_loss", 0, 59) for run in runs["grpo+freeze"].values()]
     first = [run["aux_loss"][0] for run in moving(runs)]
+    balanced = ""
+    if "grpo+aux" in runs:  # the load-balance loss on (α 0.01): does a balanced load prevent the crash?
+        trained = list(runs["grpo+aux"].values())
+        highest = [max(v for step, v in zip(run["step"], run["aux_loss"]) if step <= 59) for run in trained]
+        balanced = (f". With the load-balance loss trained (GRPO + load-balance loss, α 0.01) it never passes "
+                    f"{LOAD_COLLAPSED:g} (highest {min(highest):.2f}–{max(highest):.2f}; mean over steps 0–59 "
+                    f"{min(window(r, 'aux_loss', 0, 59) for r in trained):.2f}–"
+                    f"{max(window(r, 'aux_loss', 0, 59) for r in trained):.2f}), and "
+                    f"{sum(crash_step(r) is not None for r in trained)} of its {len(trained)} runs crash anyway")
     return (f"- expert load: the load-balance loss, {min(first):.2f}–{max(first):.2f} at step 0, passes "
             f"{LOAD_COLLAPSED:g} (1 = balanced) by step "
             f"{max(collapse_steps):.0f} in all {len(collapse_steps)} moving-router runs (median step "
@@ -198,7 +210,7 @@ def load_collapse(runs: dict[str, dict[int, dict]]) -> str:
             f"{min(crash_steps):.0f}–{max(crash_steps):.0f} (the first evaluations, every 5 steps). Mean over "
             f"steps 0–9: crashed runs {statistics.fmean(crashed):.2f} (n {len(crashed)}), moving-router runs that "
             f"did not crash {statistics.fmean(calm):.2f} (n {len(calm)}); the frozen router "
-            f"{min(frozen):.2f}–{max(frozen):.2f} over steps 0–59")
+            f"{min(frozen):.2f}–{max(frozen):.2f} over steps 0–59{balanced}")
 
 
 def main(argv: list[str] | None = None) -> None:
