@@ -20,6 +20,7 @@ What it prints:
 Only seeds that every compared arm finished enter a comparison. Reads files only; trains nothing.
 """
 import argparse
+import json
 import math
 import statistics
 from pathlib import Path
@@ -45,13 +46,16 @@ LAST_STEP = 99  # RL steps 0..99; row 100 is the final policy's evaluation
 
 
 def load(grid: Path) -> dict[str, dict[int, dict]]:
-    """{arm: {seed: metrics}} of the runs that finished (done.json), in the preset's arm order."""
+    """{arm: {seed: metrics}} of the runs that finished (done.json), in the preset's arm order; each run's
+    metrics also carry "warm_start", the digest of the warm start it began from (done.json), where known."""
     runs: dict[str, dict[int, dict]] = {}
     for folder in sorted((grid / "runs").iterdir()):
         if not (folder / "done.json").is_file():
             continue
         arm, _, seed = folder.name.rpartition("-seed")
-        runs.setdefault(arm.rsplit("-lr", 1)[0], {})[int(seed)] = read_metrics(folder / "metrics.csv")
+        started = json.loads((folder / "done.json").read_text()).get("warm_start_sha256")
+        runs.setdefault(arm.rsplit("-lr", 1)[0], {})[int(seed)] = read_metrics(folder / "metrics.csv") | {
+            "warm_start": started}
     return {arm: runs[arm] for arm in NAMES if arm in runs}
 
 
@@ -92,9 +96,16 @@ def arm_table(runs: dict[str, dict[int, dict]]) -> str:
     return "\n".join(lines)
 
 
+def same_start(a: dict, b: dict) -> bool:
+    """Whether two runs began from the same warm start: the pairing. A seed's warm start retrained on another
+    machine is another model (a grid resumed on a fresh clone), so a pair whose digests differ is no pair."""
+    return a["warm_start"] is None or b["warm_start"] is None or a["warm_start"] == b["warm_start"]
+
+
 def comparison(runs: dict, first: str, second: str, key: str) -> tuple[list[int], list[float], list[float]]:
-    """The seeds both arms finished, and each arm's `key` on them in seed order (paired by warm start)."""
-    seeds = sorted(set(runs.get(first, {})) & set(runs.get(second, {})))
+    """The seeds both arms finished from the same warm start, and each arm's `key` on them in seed order."""
+    seeds = sorted(s for s in set(runs.get(first, {})) & set(runs.get(second, {}))
+                   if same_start(runs[first][s], runs[second][s]))
     return seeds, [outcome(runs[first][s])[key] for s in seeds], [outcome(runs[second][s])[key] for s in seeds]
 
 

@@ -30,6 +30,7 @@ Examples:
     python -m minirspo.compare -- --task countdown      # arguments after -- go to every run
 """
 import contextlib
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -167,8 +168,12 @@ def train_flags(args: list[str], run_dir: Path) -> list[str]:
     return [*args, "--out", str(run_dir), again]
 
 
-def run_grid(runs: list[Run], out: Path, args_of: dict[str, list[str]], jobs: int) -> list[Run]:
-    """Run what is not finished yet, `jobs` at a time; return the runs that were launched."""
+def run_grid(runs: list[Run], out: Path, args_of: dict[str, list[str]], jobs: int,
+             starts: dict[str, Path] | None = None) -> list[Run]:
+    """Run what is not finished yet, `jobs` at a time; return the runs that were launched. `starts`: the warm
+    start (model.pt) each run begins from, whose digest done.json records: runs are paired by seed because
+    they share a warm start, and one retrained on another machine (a resumed grid on a fresh clone) is
+    another model that only its digest tells apart."""
     pending = [run for run in runs if not (out / "runs" / run.name / "done.json").is_file()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     active: list[tuple[Run, subprocess.Popen, float]] = []
@@ -191,11 +196,18 @@ def run_grid(runs: list[Run], out: Path, args_of: dict[str, list[str]], jobs: in
                 if process.returncode:
                     raise RuntimeError(f"run {run.name} failed (exit {process.returncode}); see "
                                        f"{out / 'runs' / run.name / 'train.log'}")
+                start = (starts or {}).get(run.name)
                 (out / "runs" / run.name / "done.json").write_text(json.dumps(
                     {"variant": run.variant, "lr": run.lr, "seed": run.seed,
-                     "seconds": time.perf_counter() - started}))
+                     "seconds": time.perf_counter() - started}
+                    | ({"warm_start_sha256": file_sha256(start)} if start else {})))
                 progress.advance(bar)
     return pending
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def warm_starts(configs: list[RLConfig], jobs: int) -> None:
@@ -303,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"--report-only: no finished run of this grid in {flags.out / 'runs'}")
     else:
         warm_starts(configs, flags.jobs)
-        launched = run_grid(runs, flags.out, args_of, flags.jobs)
+        starts = {run.name: warm_start_dir(config) / "model.pt" for run, config in zip(runs, configs) if not config.model}
+        launched = run_grid(runs, flags.out, args_of, flags.jobs, starts)
     table = write_results(runs, flags.out, flags.reward_gain, flags.key)
     Console().print(table)
     Console().print(f"{len(launched)} runs trained in {time.perf_counter() - started:.0f} s; "

@@ -148,6 +148,22 @@ def test_the_grid_runs_seed_by_seed(grid, tmp_path, monkeypatch):
     assert [(run.seed, run.variant) for run in launched] == [(0, "grpo"), (0, "rspo"), (1, "grpo"), (1, "rspo")]
 
 
+def test_done_json_names_the_warm_start_a_run_began_from(tmp_path):
+    # runs pair by seed because they share a warm start; its digest in done.json lets a grid resumed on another
+    # machine (which would retrain the warm start into another model) be checked
+    import hashlib
+    import json
+    tiny_warm_start = ["--pretrain.max-steps", "2", "--pretrain.eval-every", "2", "--pretrain.eval-examples", "16",
+                       "--pretrain.batch-size", "16", "--pretrain.stop-at-accuracy", "None", "--pretrain.model.d-model", "32",
+                       "--pretrain.model.n-heads", "2", "--pretrain.model.n-layers", "1", "--pretrain.model.n-experts", "4"]
+    main(["--preset", "smoke", "--out", str(tmp_path / "out"), "--jobs", "1", "--variants", "grpo", "--", *tiny_warm_start,
+          "--warmstart-dir", str(tmp_path / "warm"), "--max-steps", "1", "--n-prompts", "4", "--group-size", "2",
+          "--minibatch-size", "8", "--eval-size", "4", "--eval-every", "1", "--max-new-tokens", "4"])
+    (model,) = (tmp_path / "warm").glob("*/model.pt")
+    done = json.loads((tmp_path / "out" / "runs" / "grpo-lr0.0001-seed0" / "done.json").read_text())
+    assert done["warm_start_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
 def test_a_run_resumes_from_its_checkpoint_or_starts_over(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
