@@ -65,8 +65,9 @@ def outcome(run: dict) -> dict[str, float]:
     training of OVER_TRAINING's metrics (NaN where the run logs none: float32 rollouts record no mismatch)."""
     evaluated = evaluations(run)
     start, final = evaluated[0][1], evaluated[-1][1]
+    has_router = "gamma_mean" in run  # the dense control logs a load-balance loss of 0: no experts to balance
     means = {name: window(run, name, 0, LAST_STEP) if name in run and any(not math.isnan(v) for v in run[name])
-             else math.nan for name in OVER_TRAINING}
+             and (has_router or name != "aux_loss") else math.nan for name in OVER_TRAINING}
     return {"final": final, "start": start, "mean_heldout": statistics.fmean(a for _, a in evaluated[1:]),
             "lowest": min(a for _, a in evaluated), "crashed": float(crash_step(run) is not None),
             "below_start": float(final < start), **means}
