@@ -24,7 +24,7 @@ Examples:
     python -m minirspo.compare                          # the CPU grid, about 80 minutes on 2 cores
     python -m minirspo.compare --preset gpu             # sized for one GPU, about 10 minutes
     python -m minirspo.compare --preset moe-stress      # where the router crashes GRPO: 36 runs, ~1 h on 2 cores
-    python -m minirspo.compare --preset engine-mismatch --out docs/results/engine_mismatch/grid   # ~8 h, resumable
+    python -m minirspo.compare --preset engine-mismatch --out docs/results/engine_mismatch/grid   # ~4.5 h, resumable
     python -m minirspo.compare --preset smoke --out /tmp/grid      # two short runs, to try it out
     python -m minirspo.compare --variants rspo grpo --lrs 1e-4 2e-4 --seeds 0 1 2
     python -m minirspo.compare -- --task countdown      # arguments after -- go to every run
@@ -129,7 +129,7 @@ PRESETS = {
                          router_args=("--router-lr-scale", "100")),
     # The engine-mismatch grid (issue 25, part 2): 10 arms × 6 seeds with paired warm starts, ≤ 100 RL steps, in
     # the regime of largest mismatch the search found (docs/results/engine_mismatch.md): the fine toy (L 8, E 32,
-    # K 4, F 128), 16 updates per rollout, one lr for every weight. ~15 min a run on one core: ~8 h on 2 cores,
+    # K 4, F 128), 16 updates per rollout, one lr for every weight. ~9 min a run on one core: ~4.5 h on 2 cores,
     # resumable across sessions.
     "engine-mismatch": Preset(("grpo_r32", "grpo_fp8", "grpo_fp8_tis", "grpo_fp8_r3", "gmpo_fp8", "gmpo_fp8_shifted",
                                "rspo_fp8", "rspo_fp8_vs_rollout", "rspo_fp8_r3", "dense_fp8"), (1e-4,), tuple(range(6)),
