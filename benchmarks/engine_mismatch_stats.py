@@ -25,10 +25,10 @@ import math
 import statistics
 from pathlib import Path
 
-from moe_stress_stats import evaluations, window  # noqa: E402  (benchmarks/ is the script's folder)
+from moe_stress_stats import evaluations, paired_table, window  # noqa: E402  (benchmarks/ is the script's folder)
 
 from minirspo.report import crash_step, read_metrics
-from minirspo.stats import holm, paired
+from minirspo.stats import paired
 
 GRID = Path("docs/results/engine_mismatch/grid")
 # each arm's role (docs/results/engine_mismatch.md); the preset's order
@@ -115,21 +115,8 @@ def statistics_table(runs: dict[str, dict[int, dict]]) -> str:
     the RS family of the paired-t p and of the sign-test p."""
     pairs = [pair for pair in RS_FAMILY + OTHERS if len(comparison(runs, *pair, "final")[0]) >= 2]
     results = {pair: paired(*comparison(runs, *pair, "final")[1:]) for pair in pairs}
-    family = [pair for pair in RS_FAMILY if pair in results]
-    holm_t = dict(zip(family, holm([results[pair].p_t for pair in family])))
-    holm_sign = dict(zip(family, holm([results[pair].p_sign for pair in family])))
-    lines = ["| comparison | seeds | final (1000), paired mean ± std | paired t (p) | higher / lower / level, "
-             "sign-test p | Holm p over the RS family: t / sign | seeds for 80% power | mean held-out, paired |",
-             "|---|---|---|---|---|---|---|---|"]
-    for pair in pairs:
-        r = results[pair]
-        over_run = paired(*comparison(runs, *pair, "mean_heldout")[1:])
-        adjusted = f"{holm_t[pair]:.2f} / {holm_sign[pair]:.2f}" if pair in holm_t else "(not RS)"
-        needed = "∞" if math.isinf(r.seeds_needed) else f"{r.seeds_needed:.0f}"
-        p_t = "—" if math.isnan(r.p_t) else (f"{r.p_t:.3f}" if r.p_t >= 0.001 else "< 0.001")
-        lines.append(f"| {NAMES[pair[0]]} − {NAMES[pair[1]]} | {r.n} | {r.mean:+.3f} ± {r.std:.3f} | {r.t:.2f} ({p_t})"
-                     f" | {r.wins} / {r.losses} / {r.ties}, {r.p_sign:.3f} | {adjusted} | {needed} "
-                     f"| {over_run.mean:+.3f} ± {over_run.std:.3f} |")
+    over_run = {pair: paired(*comparison(runs, *pair, "mean_heldout")[1:]) for pair in pairs}
+    lines = paired_table(results, over_run, tuple(pair for pair in RS_FAMILY if pair in results), NAMES)
     for pair in pairs:
         _, a, b = comparison(runs, *pair, "final")
         lines.append(f"\n{NAMES[pair[0]]} − {NAMES[pair[1]]}, seed by seed: "

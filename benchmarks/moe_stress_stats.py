@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from minirspo.report import crash_step, read_metrics, run_summary
-from minirspo.stats import holm, paired
+from minirspo.stats import Paired, holm, paired
 
 GRID = Path("docs/results/moe_stress/x100")
 NAMES = {"grpo": "GRPO", "grpo+replay": "GRPO + routing replay", "grpo+freeze": "GRPO + frozen router",
@@ -109,25 +109,33 @@ def present(pairs: tuple[tuple[str, str], ...], runs: dict) -> tuple[tuple[str, 
     return tuple(pair for pair in pairs if pair[0] in runs and pair[1] in runs)
 
 
-def statistics_table(runs: dict[str, dict[int, dict]]) -> str:
-    """Paired statistics of the final accuracy on 1000 problems (and of the mean over the run), with Holm's
-    correction over the RS family, of the paired-t p and of the sign-test p."""
-    family, others = present(RS_FAMILY, runs), present(OTHERS, runs)
-    results = {pair: paired(*comparison(runs, *pair, "final_1000")[1:]) for pair in family + others}
+def paired_table(results: dict[tuple[str, str], Paired], over_run: dict[tuple[str, str], Paired],
+                 family: tuple[tuple[str, str], ...], names: dict[str, str]) -> list[str]:
+    """The markdown table of paired comparisons, in `results`' order: the final accuracy's statistics, Holm's
+    correction of the paired-t and sign-test p over `family` (the RS comparisons), and the paired mean
+    over the run (`over_run`)."""
     holm_t = dict(zip(family, holm([results[pair].p_t for pair in family])))
     holm_sign = dict(zip(family, holm([results[pair].p_sign for pair in family])))
     lines = ["| comparison | seeds | final (1000), paired mean ± std | paired t (p) | higher / lower / level, sign-test p "
              "| Holm p over the RS family: t / sign | seeds for 80% power | mean held-out over the run, paired |",
              "|---|---|---|---|---|---|---|---|"]
-    for pair in family + others:
-        r = results[pair]
-        over_run = paired(*comparison(runs, *pair, "mean_heldout")[1:])
+    for pair, r in results.items():
         adjusted = f"{holm_t[pair]:.2f} / {holm_sign[pair]:.2f}" if pair in holm_t else "(not RS)"
         needed = "∞" if math.isinf(r.seeds_needed) else f"{r.seeds_needed:.0f}"
-        p_t = f"{r.p_t:.3f}" if r.p_t >= 0.001 else "< 0.001"
-        lines.append(f"| {NAMES[pair[0]]} − {NAMES[pair[1]]} | {r.n} | {r.mean:+.3f} ± {r.std:.3f} | {r.t:.2f} ({p_t})"
+        p_t = "—" if math.isnan(r.p_t) else f"{r.p_t:.3f}" if r.p_t >= 0.001 else "< 0.001"
+        lines.append(f"| {names[pair[0]]} − {names[pair[1]]} | {r.n} | {r.mean:+.3f} ± {r.std:.3f} | {r.t:.2f} ({p_t})"
                      f" | {r.wins} / {r.losses} / {r.ties}, {r.p_sign:.3f} | {adjusted} | {needed} "
-                     f"| {over_run.mean:+.3f} ± {over_run.std:.3f} |")
+                     f"| {over_run[pair].mean:+.3f} ± {over_run[pair].std:.3f} |")
+    return lines
+
+
+def statistics_table(runs: dict[str, dict[int, dict]]) -> str:
+    """Paired statistics of the final accuracy on 1000 problems (and of the mean over the run), with Holm's
+    correction over the RS family, of the paired-t p and of the sign-test p."""
+    family, others = present(RS_FAMILY, runs), present(OTHERS, runs)
+    results = {pair: paired(*comparison(runs, *pair, "final_1000")[1:]) for pair in family + others}
+    over_run = {pair: paired(*comparison(runs, *pair, "mean_heldout")[1:]) for pair in family + others}
+    lines = paired_table(results, over_run, family, NAMES)
     six = [pair for pair in family if results[pair].n == 6]
     lines.append(f"\nHolm over the 6-seed RS comparisons alone ({', '.join(a for a, _ in six)}): t "
                  + ", ".join(f"{p:.3f}" for p in holm([results[pair].p_t for pair in six])) + "; sign "

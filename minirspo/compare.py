@@ -77,20 +77,22 @@ VARIANTS = {
     "gmpo_shifted": ["--loss", "gmpo", "--clip-low", "0.177", "--clip-high", "0.623"],
     # the Switch load-balance loss on during RL, at the toy's pretraining α (toy_moe.model: 0.01)
     "grpo+aux": ["--loss", "grpo", "--aux-loss-coef", "0.01"],
-    # The engine-mismatch arms (docs/results/engine_mismatch.md): rollouts from an fp8 engine copy, each with a role
-    "grpo_r32": ["--loss", "grpo", "--rollout-precision", "32"],                   # no mismatch at all
-    "grpo_fp8": ["--loss", "grpo", "--rollout-precision", "fp8"],                  # the base
-    "grpo_fp8_tis": ["--loss", "grpo", "--rollout-precision", "fp8", "--rollout-is", "token"],  # corrects the ratio
-    "grpo_fp8_r3": ["--loss", "grpo", "--rollout-precision", "fp8", "--rollout-routing-replay"],  # removes the flips
-    "gmpo_fp8": ["--loss", "gmpo", "--rollout-precision", "fp8"],
-    # GMPO's clip window moved as RS's floor moves it: RS with γ ≡ 0.8 up to a constant factor on the objective
-    "gmpo_fp8_shifted": ["--loss", "gmpo", "--rollout-precision", "fp8", "--clip-low", "0.177", "--clip-high", "0.623"],
-    "rspo_fp8": ["--loss", "rspo", "--rollout-precision", "fp8"],                  # γ against π_old (the paper)
-    "rspo_fp8_vs_rollout": ["--loss", "rspo", "--rollout-precision", "fp8", "--gamma-reference", "rollout"],
-    "rspo_fp8_r3": ["--loss", "rspo", "--rollout-precision", "fp8", "--rollout-routing-replay"],
-    "dense_fp8": ["--loss", "grpo", "--rollout-precision", "fp8", "--pretrain.model.moe-layers"],  # mismatch, no routing
 }
-PAPER_VARIANTS = tuple(VARIANTS)[:tuple(VARIANTS).index("grpo+aux") + 1]  # the paper's study and its controls
+PAPER_VARIANTS = tuple(VARIANTS)  # the paper's study and its controls
+# The engine-mismatch arms (docs/results/engine_mismatch.md): rollouts from an fp8 engine copy, each with a role
+FP8 = ["--rollout-precision", "fp8"]
+VARIANTS |= {
+    "grpo_r32": ["--loss", "grpo", "--rollout-precision", "32"],                   # no mismatch at all
+    "grpo_fp8": [*VARIANTS["grpo"], *FP8],                                         # the base
+    "grpo_fp8_tis": [*VARIANTS["grpo"], *FP8, "--rollout-is", "token"],            # corrects the ratio
+    "grpo_fp8_r3": [*VARIANTS["grpo"], *FP8, "--rollout-routing-replay"],          # removes the flips
+    "gmpo_fp8": [*VARIANTS["gmpo"], *FP8],
+    "gmpo_fp8_shifted": [*VARIANTS["gmpo_shifted"], *FP8],
+    "rspo_fp8": [*VARIANTS["rspo"], *FP8],                                         # γ against π_old (the paper)
+    "rspo_fp8_vs_rollout": [*VARIANTS["rspo"], *FP8, "--gamma-reference", "rollout"],
+    "rspo_fp8_r3": [*VARIANTS["rspo"], *FP8, "--rollout-routing-replay"],
+    "dense_fp8": [*FP8, *VARIANTS["dense"]],  # mismatch, no routing (the dense switch last: it takes a list)
+}
 ROUTER_FREE = {"dense", "dense_fp8"}  # variants that get none of a preset's router_args
 COLOURS = dict(zip(VARIANTS, itertools.cycle(plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])))  # 20, reused
 
